@@ -1,0 +1,2 @@
+// Compiled with nvcc so the CUDA toolchain is exercised even before the op kernels exist.
+#include <cuda_runtime.h>
