@@ -1,0 +1,5 @@
+import sys
+
+from covfast.cli import main
+
+sys.exit(main())

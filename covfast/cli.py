@@ -1,0 +1,173 @@
+"""covfast command line: ``covfast infer``, ``covfast info``, ``covfast evaluate-slices``.
+
+A thin layer over :mod:`covfast.api`; heavy imports happen inside the commands so ``--help`` is instant.
+Exit codes: 0 ok, 2 usage, 3 bad input or unwritable output, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from covfast import __version__
+from covfast.errors import EXIT_BAD_INPUT, EXIT_OK, CovfastError, UsageError
+
+INFER_EXAMPLE = """example:
+  covfast infer scan.nii.gz -o out/          # writes out/scan/{report.json,lung_mask.nii.gz,infection_mask.nii.gz,preview.png}
+  covfast infer dicom_folder/ other.nii.gz -o out/ --device cpu
+  covfast infer "$(python -c 'import covfast.io; print(covfast.io.sample_path())')" -o out/
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covfast", description="Fast, quantified COVID-19 reports from chest CT.")
+    parser.add_argument("--version", action="version", version=f"covfast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    infer = sub.add_parser(
+        "infer", help="lung and infection masks, percent infected, severity for CT volumes",
+        description="Quantify COVID-19 infection in chest CT volumes (NIfTI files or DICOM series folders).",
+        epilog=INFER_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    infer.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="a .nii/.nii.gz file, a DICOM series folder, or a folder of such inputs")
+    infer.add_argument("-o", "--out", default="covfast_out", metavar="OUT",
+                       help="output folder; one subfolder per input (default: covfast_out)")
+    infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    infer.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
+    infer.add_argument("--infection-mask", metavar="PATH",
+                       help="NIfTI infection mask (0/1 or 0/1/2) on the input's grid, used instead of the network")
+    infer.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use from a DICOM folder with several")
+    infer.add_argument("--no-preview", action="store_true", help="do not draw preview.png")
+    infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    infer.set_defaults(func=cmd_infer)
+
+    info = sub.add_parser("info", help="version, compiled extensions, backends, devices, installed models")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+
+    evaluate = sub.add_parser(
+        "evaluate-slices", help="score the shipped models on 2D slices (Inf-Net COVID-SemiSeg layout)",
+        epilog="example:\n  covfast evaluate-slices --images Imgs/ --masks GT/ --task infection --json scores.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("--images", required=True, metavar="DIR", help="folder of slice images (JPG/PNG)")
+    evaluate.add_argument("--masks", required=True, metavar="DIR", help="folder of ground-truth masks (PNG)")
+    evaluate.add_argument("--task", choices=("infection", "multiclass", "instances"), default="infection")
+    evaluate.add_argument("--json", metavar="FILE", help="write the scores as JSON")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.set_defaults(func=cmd_evaluate_slices)
+    return parser
+
+
+def _output_name(path: str, taken: set[str]) -> str:
+    name = Path(path.rstrip("/")).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    name = name or "volume"
+    unique, n = name, 2
+    while unique in taken:
+        unique, n = f"{name}_{n}", n + 1
+    taken.add(unique)
+    return unique
+
+
+def _summary_line(name: str, report: dict, out_dir: Path) -> str:
+    lung = report["lung_volume_ml"]["total"]
+    pct = report["percent_infected"]["volumetric"]
+    if pct is None:
+        return f"{name}: lung {lung:.0f} mL; infection not quantified (no model, no --infection-mask) -> {out_dir}"
+    infected = report["infected_volume_ml"]["total"]
+    return (f"{name}: lung {lung:.0f} mL, infected {infected:.1f} mL ({pct:.1f} %), "
+            f"{report['severity']['ct_class']} -> {out_dir}")
+
+
+def cmd_infer(args) -> int:
+    from tqdm import tqdm
+
+    from covfast.api import infer
+    from covfast.errors import OutputError
+    from covfast.io import find_inputs
+    from covfast.pipeline.run import resolve_device
+
+    out_root = Path(args.out)
+    if out_root.exists() and not out_root.is_dir():
+        raise OutputError(out_root, "exists and is not a folder")
+    if args.infection_mask and len(args.inputs) > 1:
+        raise UsageError("--infection-mask applies to a single input")
+    device = resolve_device(args.device)
+    inputs = find_inputs(args.inputs)
+    taken: set[str] = set()
+    failures = 0
+    bar = tqdm(inputs, desc="covfast", unit="volume", disable=args.quiet or len(inputs) < 2, file=sys.stderr)
+    for path in bar:
+        name = _output_name(path, taken)
+        try:
+            result = infer(path, out_dir=out_root / name, infection_mask=args.infection_mask, series=args.series,
+                           device=device, batch_size=args.batch_size, preview=not args.no_preview)
+        except CovfastError as exc:
+            if len(inputs) == 1:
+                raise
+            failures += 1
+            tqdm.write(f"covfast: error: {exc}", file=sys.stderr)
+            continue
+        for note in result.report["notes"]:
+            tqdm.write(f"covfast: note: {name}: {note}", file=sys.stderr)
+        tqdm.write(_summary_line(name, result.report, out_root / name))
+    return EXIT_BAD_INPUT if failures else EXIT_OK
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from covfast.info import collect_info, format_info
+
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return EXIT_OK
+
+
+def cmd_evaluate_slices(args) -> int:
+    import json
+
+    from covfast.evaluate import evaluate_slices
+    from covfast.pipeline.run import resolve_device
+
+    for flag, folder in (("--images", args.images), ("--masks", args.masks)):
+        if not Path(folder).is_dir():
+            raise UsageError(f"{flag} {folder}: not a folder")
+    scores = evaluate_slices(args.images, args.masks, task=args.task, json_path=args.json,
+                             device=resolve_device(args.device))
+    summary = {k: v for k, v in scores.items() if k not in ("per_image",)}
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CovfastError as exc:
+        print(f"covfast: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("covfast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Slice-level evaluation of the shipped infection models (``covfast evaluate-slices``).
+
+Metrics per image, for a probability map ``p`` and a binary ground truth ``g`` (Fan et al., Inf-Net, IEEE TMI
+2020, evaluation conventions):
+    dice           2|P & G| / (|P| + |G|) with P = p >= 0.5; 1 when both are empty
+    dice_mean256   mean of that Dice over the 256 thresholds t = j / 255, j = 0..255, with P = p >= t
+    iou            |P & G| / |P | G| at 0.5; 1 when both are empty
+    sensitivity    |P & G| / |G| at 0.5; undefined (null) when G is empty
+    specificity    |~P & ~G| / |~G| at 0.5; undefined when G covers the image
+    mae            mean |p - g|
+Summaries are the mean over images with a 95 % interval mean +- 1.96 * SD / sqrt(n) (undefined values left out);
+``dice_present`` is the mean Dice over the images whose ground truth contains the class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("dice", "dice_mean256", "iou", "sensitivity", "specificity", "mae")
+THRESHOLD = 0.5
+CLASS_NAMES = {1: "ggo", 2: "consolidation"}
+
+
+def _dice(tp, fp, fn):
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 1.0)
+
+
+def binary_metrics(prob: np.ndarray, truth: np.ndarray) -> dict:
+    """Metrics of one image.
+
+    Args:
+        prob: [H, W] float probabilities in [0, 1].
+        truth: [H, W] bool (or 0/1) ground truth of the same shape.
+
+    Returns:
+        dict with the keys of :data:`METRICS` (float, or None where undefined) and ``present`` (bool).
+    """
+    prob = np.asarray(prob, dtype=np.float64).ravel()
+    truth = np.asarray(truth).ravel().astype(bool)
+    if prob.shape != truth.shape:
+        raise ValueError(f"prediction and ground truth differ in size: {prob.size} vs {truth.size}")
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    # Counts of positives / negatives with p >= t for all 256 thresholds at once, from sorted probabilities.
+    thresholds = np.arange(256) / 255.0
+    pos_sorted = np.sort(prob[truth])
+    neg_sorted = np.sort(prob[~truth])
+    tp = n_pos - np.searchsorted(pos_sorted, thresholds, side="left")
+    fp = n_neg - np.searchsorted(neg_sorted, thresholds, side="left")
+    dice256 = _dice(tp, fp, n_pos - tp)
+    pred = prob >= THRESHOLD
+    tp5 = int((pred & truth).sum())
+    fp5 = int((pred & ~truth).sum())
+    fn5 = n_pos - tp5
+    union = tp5 + fp5 + fn5
+    return {
+        "dice": float(_dice(tp5, fp5, fn5)),
+        "dice_mean256": float(dice256.mean()),
+        "iou": tp5 / union if union else 1.0,
+        "sensitivity": tp5 / n_pos if n_pos else None,
+        "specificity": (n_neg - fp5) / n_neg if n_neg else None,
+        "mae": float(np.abs(prob - truth).mean()),
+        "present": n_pos > 0,
+    }
+
+
+def _interval(values: list) -> dict:
+    vals = np.array([v for v in values if v is not None], dtype=np.float64)
+    if vals.size == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = float(vals.mean())
+    half = 1.96 * float(vals.std(ddof=1)) / math.sqrt(vals.size) if vals.size > 1 else 0.0
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(vals.size)}
+
+
+def summarize(per_image: list[dict]) -> dict:
+    """Mean and 95 % interval of each metric over images, plus ``dice_present``.
+
+    Args:
+        per_image: dicts from :func:`binary_metrics`.
+
+    Returns:
+        ``{metric: {"mean", "ci95": [lo, hi], "n"}}`` for every metric of :data:`METRICS` and ``dice_present``.
+    """
+    summary = {key: _interval([m[key] for m in per_image]) for key in METRICS}
+    summary["dice_present"] = _interval([m["dice"] for m in per_image if m["present"]])
+    return summary
+
+
+def multiclass_metrics(class_prob: np.ndarray, truth: np.ndarray) -> dict:
+    """Per-class metrics of one image.
+
+    Args:
+        class_prob: [3, H, W] float class probabilities (background, GGO, consolidation).
+        truth: [H, W] integer labels 0 / 1 / 2.
+
+    Returns:
+        ``{"ggo": metrics, "consolidation": metrics}``, each as :func:`binary_metrics` returns. The hard
+        prediction of a class is argmax == class, expressed as a probability map thresholded at 0.5 by
+        zeroing the class probability where another class wins.
+    """
+    labels = class_prob.argmax(axis=0)
+    out = {}
+    for cls, name in CLASS_NAMES.items():
+        # Threshold-0.5 metrics follow the argmax labels; the 256-threshold Dice and MAE use the probability.
+        prob = class_prob[cls]
+        metrics = binary_metrics(prob, truth == cls)
+        hard = binary_metrics((labels == cls).astype(np.float64), truth == cls)
+        for key in ("dice", "iou", "sensitivity", "specificity"):
+            metrics[key] = hard[key]
+        out[name] = metrics
+    return out
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"))
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im if im.mode == "P" else im.convert("L"))
+
+
+def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    from covfast.errors import InputError
+
+    if not images_dir.is_dir():
+        raise InputError(images_dir, "not a folder of slice images")
+    if not masks_dir.is_dir():
+        raise InputError(masks_dir, "not a folder of masks")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() == ".png"}
+    pairs = [(img, masks[img.stem]) for img in images if img.stem in masks]
+    if not pairs:
+        raise InputError(images_dir, f"no image has a mask of the same name in {masks_dir}")
+    return pairs
+
+
+def evaluate_slices(images_dir, masks_dir, task: str = "infection", json_path=None, device: str = "cpu") -> dict:
+    """Run the installed models on 2D slices and score them against masks.
+
+    Args:
+        images_dir: folder of 8-bit grey slices (JPG/PNG) laid out like COVID-SemiSeg ``Imgs``.
+        masks_dir: folder of PNG masks with the images' names: 0/255 for ``infection``, palette 0/1/2 for
+            ``multiclass``.
+        task: "infection" (single-class model) or "multiclass" (GGO / consolidation model with its prior).
+        json_path: optional file to write the result to as JSON.
+        device: torch device for the models.
+
+    Returns:
+        ``{"task", "n_images", "models", <summary>, "per_image": [...]}``. For "infection" the summary keys
+        are those of :func:`summarize` at the top level; for "multiclass" they sit under "ggo" and
+        "consolidation". Each ``per_image`` entry names the image and carries its metrics.
+    """
+    from covfast.errors import UsageError
+    from covfast.pipeline.infection import load_models, predict_slices
+
+    if task not in ("infection", "multiclass"):
+        raise UsageError(f"unknown task {task!r}; use infection or multiclass")
+    pairs = _pairs(Path(images_dir), Path(masks_dir))
+    models = load_models(device, multiclass=task == "multiclass")
+    per_image = []
+    for image_path, mask_path in pairs:
+        image = _read_gray(image_path)
+        truth = _read_labels(mask_path)
+        if truth.shape != image.shape:
+            raise UsageError(f"{mask_path}: size {truth.shape} differs from its image {image.shape}")
+        prob, class_prob = predict_slices(models, image[None], device=device)
+        if task == "infection":
+            entry = binary_metrics(prob[0], truth > 127)
+        else:
+            entry = multiclass_metrics(class_prob[0], truth)
+        per_image.append({"image": image_path.name, **entry})
+    result = {"task": task, "n_images": len(per_image), "models": [m.card for m in models.values()]}
+    if task == "infection":
+        result.update(summarize(per_image))
+    else:
+        for name in CLASS_NAMES.values():
+            result[name] = summarize([entry[name] for entry in per_image])
+    result["per_image"] = per_image
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,107 @@
+"""``covfast info``: version, compiled extensions, backends, devices and installed model weights."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import platform
+
+import covfast
+
+
+def _module_status(name: str) -> dict:
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # an extension that fails to load must show why, not crash `info`
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+    return {"available": True, "version": getattr(module, "__version__", None)}
+
+
+def _cuda_extension() -> dict:
+    status = _module_status("covfast._cuda")
+    if status["available"]:
+        import covfast._cuda as ext
+
+        status["runtime_version"] = ext.runtime_version()
+        status["device_count"] = ext.device_count()
+    else:
+        status["reason"] = "not built (no nvcc at install time, or COVFAST_CUDA=OFF): " + status["reason"]
+    return status
+
+
+def _devices() -> list[dict]:
+    import torch
+
+    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads()}]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append({"type": "cuda", "index": index, "name": props.name,
+                            "memory_gb": round(props.total_memory / 2**30, 1)})
+    return devices
+
+
+def _models() -> list[dict]:
+    try:
+        from covfast.pipeline.infection import installed_models
+    except ImportError as exc:
+        return [{"error": f"infection stage unavailable: {exc}"}]
+    return installed_models()
+
+
+def collect_info() -> dict:
+    """Everything ``covfast info`` prints, as a dict."""
+    import torch
+
+    backends = {
+        "cpp": _module_status("covfast._C"),
+        "cuda": _cuda_extension(),
+        "triton": _module_status("triton") if importlib.util.find_spec("triton") else
+        {"available": False, "reason": "triton is not installed (pip install 'covfast[gpu]')"},
+        "onnxruntime": _module_status("onnxruntime") if importlib.util.find_spec("onnxruntime") else
+        {"available": False, "reason": "onnxruntime is not installed (pip install 'covfast[onnx]')"},
+        "tensorrt": _module_status("tensorrt") if importlib.util.find_spec("tensorrt") else
+        {"available": False, "reason": "tensorrt is not installed (pip install 'covfast[trt]' on a CUDA machine)"},
+    }
+    try:
+        from covfast import _backend
+
+        ops = _backend.available_backends()
+    except (ImportError, AttributeError) as exc:
+        ops = {"error": str(exc)}
+    return {
+        "covfast": covfast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "extensions": {"covfast._C": backends["cpp"], "covfast._cuda": backends["cuda"]},
+        "backends": backends,
+        "ops": ops,
+        "devices": _devices(),
+        "models": _models(),
+    }
+
+
+def format_info(info: dict) -> str:
+    """Human-readable text of :func:`collect_info`."""
+    lines = [f"covfast {info['covfast']} (python {info['python']}, torch {info['torch']})", "backends:"]
+    for name, status in info["backends"].items():
+        if status["available"]:
+            extra = ", ".join(f"{k} {v}" for k, v in status.items() if k != "available" and v is not None)
+            lines.append(f"  {name:<12} yes{(' (' + extra + ')') if extra else ''}")
+        else:
+            lines.append(f"  {name:<12} no  ({status['reason']})")
+    lines.append("devices:")
+    for device in info["devices"]:
+        desc = ", ".join(f"{k} {v}" for k, v in device.items() if k != "type")
+        lines.append(f"  {device['type']:<12} {desc}")
+    lines.append("models:")
+    if not info["models"]:
+        lines.append("  none installed (infection needs --infection-mask until weights ship)")
+    for model in info["models"]:
+        lines.append("  " + ", ".join(f"{k} {v}" for k, v in model.items()))
+    if isinstance(info.get("ops"), dict) and info["ops"]:
+        lines.append("ops:")
+        for op, status in info["ops"].items():
+            lines.append(f"  {op:<16} {status}")
+    return "\n".join(lines)

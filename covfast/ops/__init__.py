@@ -1,0 +1,8 @@
+"""covfast ops: each a ``torch.library`` custom op (``covfast::<name>``) with a pure-torch reference in
+:mod:`covfast.ops.reference` and faster C++ / CUDA / Triton backends chosen by :mod:`covfast._backend`."""
+
+from covfast.ops.attention import reverse_attention
+from covfast.ops.coach import coach_mask
+from covfast.ops.infection import infection_ratio, infection_totals
+
+__all__ = ["coach_mask", "infection_ratio", "infection_totals", "reverse_attention"]

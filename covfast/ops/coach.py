@@ -1,0 +1,77 @@
+"""``covfast::coach_mask``: the soft top-k mask of the coach network, with autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from covfast import _backend
+from covfast.ops import reference
+
+_backend.register("coach_mask", "reference", ("cpu", "cuda"))(reference.coach_mask)
+
+
+def _check(score: torch.Tensor, keep: float) -> None:
+    if score.dim() != 4 or score.shape[1] != 1:
+        raise ValueError(f"coach_mask expects score [B,1,H,W]; got {tuple(score.shape)}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1]; got {keep}")
+    if not score.is_floating_point():
+        raise ValueError(f"score must be a floating tensor; got {score.dtype}")
+
+
+@torch.library.custom_op("covfast::coach_mask", mutates_args=())
+def _coach_mask_op(score: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    _check(score, keep)
+    return _backend.dispatch("coach_mask", score.device.type)(score, keep, alpha)
+
+
+@_coach_mask_op.register_fake
+def _(score, keep, alpha):
+    _check(score, keep)
+    return torch.empty_like(score)
+
+
+@torch.library.custom_op("covfast::coach_mask_backward", mutates_args=())
+def _coach_mask_backward_op(grad: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    return reference.coach_mask_backward(grad, mask, alpha)
+
+
+@_coach_mask_backward_op.register_fake
+def _(grad, mask, alpha):
+    return torch.empty_like(mask)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.alpha = inputs[2]
+    ctx.save_for_backward(output)
+
+
+def _backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.covfast.coach_mask_backward(grad, mask, ctx.alpha), None, None
+
+
+_coach_mask_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def coach_mask(
+    score: torch.Tensor, keep: float, alpha: float, image: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Soft top-k mask ``sigmoid(alpha * (score - t))`` of the coach network (Zhou et al., ECCV 2020).
+
+    ``t`` is the k-th largest score of each image, ``k = ceil(keep * H * W)``; it equals ``torch.kthvalue`` on the
+    same data, ties included. The backward treats ``t`` as a constant.
+
+    Args:
+        score: [B, 1, H, W] float scores.
+        keep: fraction of pixels kept, in (0, 1].
+        alpha: sharpness of the sigmoid.
+        image: optional [B, C, H, W] image to mask.
+
+    Returns:
+        mask [B, 1, H, W] (dtype of ``score``), or ``(mask, image * mask)`` when ``image`` is given.
+    """
+    mask = torch.ops.covfast.coach_mask(score, keep, alpha)
+    if image is None:
+        return mask
+    return mask, image * mask

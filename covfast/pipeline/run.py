@@ -1,0 +1,270 @@
+"""The covfast pipeline: volume -> lung mask -> infection -> per-slice reduction -> severity -> outputs.
+
+Each stage is a function with an array-in, array-out contract (see the stage modules); this module only
+sequences them, times them and assembles the result. Data flow: ``covfast.io`` -> here -> ``covfast.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import covfast
+from covfast.errors import ModelNotInstalledError, OutputError
+from covfast.pipeline.severity import SeverityRules, summarize
+
+SCHEMA_VERSION = "1.0"
+PROBABILITY_THRESHOLD = 0.5
+
+
+@dataclass
+class Result:
+    """What one covfast run found; ``report`` is exactly what ``report.json`` holds.
+
+    Attributes:
+        report: the report dictionary (schema in the README).
+        volume: the input :class:`covfast.io.Volume`.
+        lung_mask: [D, H, W] uint8, canonical orientation, 0 background, 1 right lung, 2 left lung.
+        infection_mask: [D, H, W] uint8 (0 background, 1 GGO, 2 consolidation; or 0/1 single-class), or None.
+        infection_prob: [D, H, W] float32 single-class infection probability, or None.
+    """
+
+    report: dict
+    volume: object
+    lung_mask: np.ndarray
+    infection_mask: np.ndarray | None = None
+    infection_prob: np.ndarray | None = None
+    slice_ratio: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def ct_class(self) -> str | None:
+        return self.report["severity"]["ct_class"]
+
+    @property
+    def percent_infected(self) -> float | None:
+        return self.report["percent_infected"]["volumetric"]
+
+    def save(self, out_dir, preview: bool = True) -> Path:
+        """Write report.json, lung_mask.nii.gz, infection_mask.nii.gz and preview.png into ``out_dir``.
+
+        All files are written into a temporary sibling folder that replaces ``out_dir`` only when every file is
+        complete, so a failed or interrupted run leaves no partial output.
+        """
+        from covfast.io import write_nifti_like
+
+        out_dir = Path(out_dir)
+        timings = self.report["timings_s"]
+        parent = out_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+        except OSError as exc:
+            raise OutputError(out_dir, f"cannot create output folder ({exc.strerror or exc})") from None
+        try:
+            outputs = {"report": "report.json", "lung_mask": "lung_mask.nii.gz"}
+            with _timed(timings, "write_masks"):
+                write_nifti_like(self.volume, self.lung_mask, staging / "lung_mask.nii.gz")
+                if self.infection_mask is not None:
+                    write_nifti_like(self.volume, self.infection_mask, staging / "infection_mask.nii.gz")
+                    outputs["infection_mask"] = "infection_mask.nii.gz"
+            if preview:
+                with _timed(timings, "preview"):
+                    (staging / "preview.png").write_bytes(self._preview_png())
+                outputs["preview"] = "preview.png"
+            self.report["outputs"] = outputs
+            self.report["timings_s"]["total"] = sum(v for k, v in timings.items() if k != "total")
+            (staging / "report.json").write_text(json.dumps(self.report, indent=2) + "\n")
+            _replace_dir(staging, out_dir)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(out_dir, f"cannot write output ({exc.strerror or exc})") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return out_dir
+
+    def _preview_png(self) -> bytes:
+        from covfast.report.preview import render_preview
+
+        report = self.report
+        pct = report["percent_infected"]["volumetric"]
+        if pct is None:
+            summary = f"lung {report['lung_volume_ml']['total']:.0f} mL; infection not segmented"
+        else:
+            summary = (f"lung {report['lung_volume_ml']['total']:.0f} mL, infected "
+                       f"{report['infected_volume_ml']['total']:.1f} mL = {pct:.1f} % -> {report['severity']['ct_class']}")
+        return render_preview(
+            self.volume.hu, self.lung_mask, self.infection_mask, self.volume.spacing_mm, self.volume.z_mm,
+            self.slice_ratio, title=f"covfast {covfast.__version__}: {report['input']['path']}", summary=summary,
+        )
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move the finished staging folder into place, replacing an earlier output of the same name."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without a GPU is a usage error."""
+    import torch
+
+    from covfast.errors import UsageError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but torch sees no CUDA GPU")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r} (choose auto, cpu or cuda)")
+    return device
+
+
+def _reduce(lung_mask: np.ndarray, infection: np.ndarray, threshold: float):
+    import torch
+
+    from covfast.ops import infection_ratio
+
+    lung_voxels, infected_voxels, soft_sum = infection_ratio(
+        torch.from_numpy(lung_mask), torch.from_numpy(infection), threshold
+    )
+    return lung_voxels.numpy(), infected_voxels.numpy(), soft_sum.numpy()
+
+
+def analyze(
+    volume,
+    *,
+    infection_mask: np.ndarray | None = None,
+    infection_mask_source: str | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    rules: SeverityRules = SeverityRules(),
+    timings: dict | None = None,
+    progress=None,
+) -> Result:
+    """Run every stage on a loaded volume.
+
+    Args:
+        volume: a :class:`covfast.io.Volume` (canonical [D, H, W] HU array with geometry).
+        infection_mask: optional [D, H, W] uint8 infection mask (0/1 or 0/1/2) in canonical orientation; when given
+            it replaces the infection network.
+        infection_mask_source: where that mask came from (recorded in the report).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: slices per network batch.
+        rules: severity thresholds.
+        timings: dict that receives seconds per stage (an earlier ``read`` entry is kept).
+        progress: optional callable(n_done, n_total) for the infection network.
+
+    Returns:
+        :class:`Result`.
+    """
+    from covfast.pipeline.lung import lung_mask as compute_lung_mask
+
+    timings = {} if timings is None else timings
+    device = resolve_device(device)
+    notes: list[str] = list(getattr(volume, "warnings", []) or [])
+    with _timed(timings, "lung_mask"):
+        lung = compute_lung_mask(volume.hu, volume.spacing_mm)
+
+    models: list[dict] = []
+    prob = None
+    classes = None
+    infection_source = None
+    with _timed(timings, "infection"):
+        if infection_mask is not None:
+            classes = np.ascontiguousarray(infection_mask, dtype=np.uint8)
+            infection_source = {"kind": "mask", "path": infection_mask_source}
+        else:
+            try:
+                from covfast.pipeline.infection import segment_infection
+
+                seg = segment_infection(volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size,
+                                        progress=progress)
+                prob, classes, models = seg.prob, seg.classes, list(seg.models)
+                infection_source = {"kind": "model", "models": [m["name"] for m in models]}
+            except (ModelNotInstalledError, ImportError) as exc:
+                notes.append(f"no infection model is installed ({exc}); pass --infection-mask to quantify infection")
+
+    multiclass = classes is not None and bool((classes == 2).any())
+    infected_voxels = None
+    soft_ml = None
+    slice_ratio = None
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    with _timed(timings, "reduction"):
+        if classes is None and prob is not None:
+            classes = (prob > PROBABILITY_THRESHOLD).astype(np.uint8)
+        if classes is not None:
+            lung_voxels, infected_voxels, _ = _reduce(lung, classes, PROBABILITY_THRESHOLD)
+        else:
+            lung_voxels = _reduce(lung, np.zeros_like(lung), PROBABILITY_THRESHOLD)[0]
+        if prob is not None:
+            soft_ml = float(_reduce(lung, np.ascontiguousarray(prob, dtype=np.float32),
+                                    PROBABILITY_THRESHOLD)[2].sum() * voxel_ml)
+    with _timed(timings, "severity"):
+        summary = summarize(lung_voxels, infected_voxels, volume.spacing_mm, volume.z_mm, multiclass, rules)
+    if infected_voxels is not None:
+        lung_area = lung_voxels.sum(axis=1).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slice_ratio = np.where(lung_area > 0, infected_voxels.sum(axis=(1, 2)) / lung_area, np.nan)
+    if summary["infected_volume_ml"]["total"] is not None:
+        summary["infected_volume_ml"]["soft"] = soft_ml
+
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "covfast_version": covfast.__version__,
+        "input": {
+            "path": volume.path,
+            "sha256": volume.sha256,
+            "kind": volume.kind,
+            "shape": [int(s) for s in volume.source_shape],
+            "spacing_mm": [float(s) for s in _source_spacing(volume)],
+            "canonical_shape": [int(s) for s in volume.hu.shape],
+            "canonical_spacing_mm": [float(s) for s in volume.spacing_mm],
+            "series_uid": getattr(volume, "series_uid", None),
+        },
+        "models": models,
+        "infection_source": infection_source,
+        **summary,
+        "rules": rules.describe(),
+        "device": device,
+        "backend": _backend_used(),
+        "timings_s": timings,
+        "notes": notes,
+    }
+    return Result(report=report, volume=volume, lung_mask=lung,
+                  infection_mask=classes if classes is not None else None, infection_prob=prob,
+                  slice_ratio=slice_ratio)
+
+
+def _source_spacing(volume) -> tuple:
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    return tuple(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def _backend_used() -> dict:
+    """Which implementation ran each op; the reduction runs on host arrays, hence on the CPU backends."""
+    from covfast import _backend
+
+    return {"infection_ratio": f"{_backend.select('infection_ratio', 'cpu')} (cpu)"}

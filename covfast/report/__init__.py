@@ -1,0 +1,1 @@
+"""Report writers: report.json, NIfTI masks in the input's grid, preview.png."""

@@ -1,0 +1,131 @@
+"""End-to-end: `covfast infer` / `covfast info` on the shipped sample volume, exit codes, nothing partial left."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from covfast.cli import main
+from covfast.io import load_volume, sample_path, write_nifti_like
+from covfast.pipeline.lung import lung_mask
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_volume(str(sample_path()))
+
+
+@pytest.fixture(scope="module")
+def known_mask(sample, tmp_path_factory):
+    """An infection mask with known content on the sample's grid: GGO on three slices' right lung, consolidation
+    on one slice's left lung (in canonical orientation), written as NIfTI in the input's geometry."""
+    lung = lung_mask(sample.hu, sample.spacing_mm)
+    per_slice = lung.reshape(lung.shape[0], -1)
+    lung_slices = np.flatnonzero((per_slice == 1).any(1) & (per_slice == 2).any(1))
+    mid = int(lung_slices[len(lung_slices) // 2])
+    mask = np.zeros_like(lung)
+    mask[mid - 1:mid + 2][lung[mid - 1:mid + 2] == 1] = 1
+    mask[mid + 3][lung[mid + 3] == 2] = 2
+    mask[0, 0, 0] = 1  # outside the lung: must not count
+    path = tmp_path_factory.mktemp("mask") / "infection.nii.gz"
+    write_nifti_like(sample, mask, path)
+    expected = {
+        "ggo": int((lung[mid - 1:mid + 2] == 1).sum()),
+        "consolidation": int((lung[mid + 3] == 2).sum()),
+        "lung": {"right": int((lung == 1).sum()), "left": int((lung == 2).sum())},
+        "slices": (mid - 1, mid, mid + 1, mid + 3),
+    }
+    return path, expected
+
+
+def test_infer_sample_with_mask(sample, known_mask, tmp_path, capsys):
+    mask_path, expected = known_mask
+    out = tmp_path / "out"
+    code = main(["infer", str(sample_path()), "-o", str(out), "--infection-mask", str(mask_path), "--device", "cpu"])
+    assert code == 0
+    folder = out / "sample_ct"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["report.json", "lung_mask.nii.gz", "infection_mask.nii.gz", "preview.png"])
+    report = json.loads((folder / "report.json").read_text())
+    voxel_ml = float(np.prod(sample.spacing_mm)) / 1000
+    assert report["schema_version"] == "1.0"
+    assert report["input"]["sha256"] == sample.sha256
+    assert report["lung_volume_ml"]["right"] == pytest.approx(expected["lung"]["right"] * voxel_ml)
+    assert report["lung_volume_ml"]["left"] == pytest.approx(expected["lung"]["left"] * voxel_ml)
+    assert report["infected_volume_ml"]["ggo"] == pytest.approx(expected["ggo"] * voxel_ml)
+    assert report["infected_volume_ml"]["consolidation"] == pytest.approx(expected["consolidation"] * voxel_ml)
+    total = (expected["ggo"] + expected["consolidation"]) * voxel_ml
+    assert report["percent_infected"]["volumetric"] == pytest.approx(100 * total / report["lung_volume_ml"]["total"])
+    assert report["severity"]["ct_class"] in {"CT0", "CT1"}
+    positive = [s["index"] for s in report["slices"] if s["covid_positive"]]
+    assert positive == list(expected["slices"])
+    assert report["zones"]["right_percent_infected"] > 0
+    assert set(report["timings_s"]) >= {"read", "lung_mask", "infection", "reduction", "severity", "write_masks",
+                                        "preview", "total"}
+    assert report["infection_source"] == {"kind": "mask", "path": str(mask_path)}
+    # Masks come back in the input's exact grid.
+    source = nib.load(str(sample_path()))
+    for name in ("lung_mask.nii.gz", "infection_mask.nii.gz"):
+        img = nib.load(str(folder / name))
+        assert img.shape == source.shape
+        np.testing.assert_allclose(img.affine, source.affine, atol=1e-5)
+        assert int(img.header["qform_code"]) == int(source.header["qform_code"])
+        assert int(img.header["sform_code"]) == int(source.header["sform_code"])
+    written = np.asarray(nib.load(str(folder / "infection_mask.nii.gz")).dataobj)
+    original = np.asarray(nib.load(str(mask_path)).dataobj)
+    np.testing.assert_array_equal(written, original)
+    assert (folder / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "sample_ct" in capsys.readouterr().out
+    assert not list(out.glob(".*partial"))
+
+
+def test_missing_input_exit_3(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["infer", str(tmp_path / "nope.nii.gz"), "-o", str(out)])
+    assert code == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("covfast: error:") and "nope.nii.gz" in err and "\n" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_output_is_a_file_exit_3(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("x")
+    code = main(["infer", str(sample_path()), "-o", str(target)])
+    assert code == 3
+    assert "taken" in capsys.readouterr().err
+    assert target.read_text() == "x"
+
+
+def test_unwritable_output_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import covfast.pipeline.run as run
+
+    def broken_preview(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run.Result, "_preview_png", broken_preview)
+    out = tmp_path / "out"
+    code = main(["infer", str(sample_path()), "-o", str(out), "--device", "cpu"])
+    assert code == 3
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["infer"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["infer", "x.nii.gz", "--batch-size", "0"])
+    assert info.value.code == 2
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extensions"]["covfast._C"]["available"] is True
+    assert set(info["backends"]) == {"cpp", "cuda", "triton", "onnxruntime", "tensorrt"}
+    assert info["devices"][0]["type"] == "cpu"
+    assert main(["info"]) == 0
+    assert "backends:" in capsys.readouterr().out

@@ -1,0 +1,24 @@
+"""Runs every benchmark suite once at tiny sizes (COVFAST_BENCH_SMOKE=1) so the suites never rot."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("suite", sorted(p.name for p in BENCHMARKS.glob("test_bench_*.py")))
+def test_benchmark_suite_smoke(suite):
+    env = {**os.environ, "COVFAST_BENCH_SMOKE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-enable", str(BENCHMARKS / suite)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout

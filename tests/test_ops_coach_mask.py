@@ -1,0 +1,94 @@
+"""covfast::coach_mask: reference vs a naive float64 numpy oracle (sort-based threshold), autograd, opcheck."""
+
+import numpy as np
+import pytest
+import torch
+
+from covfast import _backend
+from covfast.ops import coach_mask, reference
+
+SHAPES = [(1, 1, 1, 1), (2, 1, 7, 13), (3, 1, 16, 16), (1, 1, 33, 5)]
+KEEPS = [0.05, 0.3, 0.5, 1.0]
+
+
+def oracle(score: torch.Tensor, keep: float, alpha: float) -> np.ndarray:
+    s = score.double().numpy()
+    out = np.empty_like(s)
+    n = s[0].size
+    for b in range(s.shape[0]):
+        t = np.sort(s[b].ravel())[::-1][reference.coach_k(keep, n) - 1]
+        out[b] = 1 / (1 + np.exp(-alpha * (s[b] - t)))
+    return out
+
+
+def make_score(shape, dtype, seed, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    score = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if ties:
+        score = (score * 2).round() / 2  # few distinct values, many ties at the threshold
+    return score.to(dtype)
+
+
+def test_coach_k():
+    assert reference.coach_k(0.3, 100) == 30
+    assert reference.coach_k(0.301, 100) == 31
+    assert reference.coach_k(1e-9, 10) == 1
+    assert reference.coach_k(1.0, 7) == 7
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("keep", KEEPS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_reference_matches_oracle(shape, keep, ties):
+    score = make_score(shape, torch.float32, int(torch.randint(0, 2**31, ())), ties)
+    np.testing.assert_allclose(coach_mask(score, keep, 7.0).double().numpy(), oracle(score, keep, 7.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_threshold_equals_kthvalue(ties):
+    score = make_score((4, 1, 9, 11), torch.float32, 7, ties)
+    n = 99
+    for keep in KEEPS:
+        k = reference.coach_k(keep, n)
+        expected = score.reshape(4, -1).kthvalue(n - k + 1, dim=1).values
+        torch.testing.assert_close(reference.coach_threshold(score, keep), expected, rtol=0, atol=0)
+
+
+def test_image_variant_and_empty():
+    score = make_score((2, 1, 6, 7), torch.float32, 8)
+    image = torch.randn(2, 3, 6, 7)
+    mask, masked = coach_mask(score, 0.4, 3.0, image=image)
+    torch.testing.assert_close(masked, image * mask)
+    assert coach_mask(torch.empty(0, 1, 4, 4), 0.5, 1.0).shape == (0, 1, 4, 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_backward_holds_threshold_constant(seed):
+    # gradcheck cannot be used on the whole op: moving the k-th score moves t, which the op treats as a constant.
+    score = make_score((2, 1, 7, 13), torch.float64, seed).requires_grad_()
+    grad_out = torch.randn(score.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(coach_mask(score, 0.3, 4.0), score, grad_out)
+    t = reference.coach_threshold(score.detach(), 0.3).view(-1, 1, 1, 1)
+    leaf = score.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.sigmoid(4.0 * (leaf - t)), leaf, grad_out)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck():
+    score = make_score((2, 1, 7, 13), torch.float32, 9).requires_grad_()
+    torch.library.opcheck(torch.ops.covfast.coach_mask.default, (score, 0.3, 4.0))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="keep"):
+        coach_mask(torch.zeros(1, 1, 3, 3), 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"\[B,1,H,W\]"):
+        coach_mask(torch.zeros(1, 2, 3, 3), 0.5, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_backend_matches_oracle(backend, ties):
+    score = make_score((3, 1, 7, 13), torch.float32, 10, ties)
+    out = _backend.implementation("coach_mask", backend)(score, 0.3, 5.0)
+    np.testing.assert_allclose(out.double().numpy(), oracle(score, 0.3, 5.0), atol=1e-6)

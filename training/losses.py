@@ -1,0 +1,75 @@
+"""Training losses: Inf-Net's deep supervision, the multi-class loss and the inpainting losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from covfast.nn import InfNetOutput
+
+
+def structure_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """L_seg = weighted IoU + lambda * weighted BCE with lambda = 1 (Inf-Net, after PraNet / F3Net).
+
+    Pixels near the target's boundary weigh up to 6x (1 + 5 |avgpool_31(G) - G|), so hard edges count more.
+
+    Args:
+        logits: [B, 1, H, W] float logits.
+        target: [B, 1, H, W] float target in [0, 1] (soft pseudo labels allowed).
+        valid: [B, 1, H, W] float, 0 where the loss is ignored.
+
+    Returns:
+        scalar float32, mean over the batch.
+    """
+    logits, target = logits.float(), target.float()
+    weight = (1 + 5 * torch.abs(F.avg_pool2d(target, 31, stride=1, padding=15) - target)) * valid
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    wbce = (weight * bce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp_min(1e-6)
+    prob = torch.sigmoid(logits)
+    inter = (prob * target * weight).sum(dim=(2, 3))
+    union = ((prob + target) * weight).sum(dim=(2, 3))
+    wiou = 1 - (inter + 1) / (union - inter + 1)
+    return (wbce + wiou).mean()
+
+
+def edge_target(target: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """Boundary band of a mask: dilation minus erosion with a (2 * width + 1) square; [B, 1, H, W] float 0/1."""
+    hard = (target > 0.5).float()
+    k = 2 * width + 1
+    dilated = F.max_pool2d(hard, k, stride=1, padding=width)
+    eroded = -F.max_pool2d(-hard, k, stride=1, padding=width)
+    return dilated - eroded
+
+
+def infnet_loss(out: InfNetOutput, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """L_total = L_seg(G, S_g) + L_edge + sum_i L_seg(G, S_i), L_edge = BCE against the mask's boundary band."""
+    loss = structure_loss(out.global_map, target, valid)
+    for side in out.side:
+        loss = loss + structure_loss(side, target, valid)
+    edge = F.binary_cross_entropy_with_logits(out.edge.float(), edge_target(target), weight=valid)
+    return loss + edge
+
+
+def multiclass_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross entropy plus soft Dice of the two lesion classes.
+
+    Args:
+        logits: [B, 3, H, W] class logits.
+        target: [B, 3, H, W] one-hot (or soft) class target.
+        valid: [B, 1, H, W] float mask of counted pixels.
+
+    Returns:
+        scalar float32.
+    """
+    logits, target = logits.float(), target.float()
+    ce = -(target * F.log_softmax(logits, dim=1)).sum(dim=1, keepdim=True)
+    ce = (ce * valid).sum() / valid.sum().clamp_min(1)
+    prob = torch.softmax(logits, dim=1)[:, 1:] * valid
+    fg = target[:, 1:] * valid
+    dice = 1 - (2 * (prob * fg).sum(dim=(2, 3)) + 1) / (prob.sum(dim=(2, 3)) + fg.sum(dim=(2, 3)) + 1)
+    return ce + dice.mean()
+
+
+def reconstruction_loss(recon: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """L_rec: mean absolute error between the reconstruction and the image, both in [0, 1] (so L_rec in [0, 1])."""
+    return torch.abs(recon.float() - image.float()).mean()

@@ -1,0 +1,203 @@
+"""Run a training recipe (a JSON file under ``training/recipes/``) with cross-validation and/or a final fit.
+
+Recipe kinds:
+    ``pretrain``  self-supervised inpainting on the unlabelled slices, with ``"mask": "coach"`` or ``"random"``;
+                  writes ``<runs>/<name>/final.safetensors`` (the inpainting network).
+    ``segment``   supervised segmentation on ``"data": "labelled"`` (5-fold CV -> ``fold<k>.safetensors``,
+                  ``cv.json``; final fit on all 50 -> ``final.safetensors``) or ``"pseudo"`` (the unlabelled
+                  slices with their pseudo labels; one fit -> ``final.safetensors``).
+Optional keys: ``"init": {"run": NAME, "prefix": "backbone."}`` starts from matching weights of another run's
+``final.safetensors``; ``"prior": {"run": NAME}`` feeds that single-class run's prediction (fold model in CV,
+final model otherwise) as the second input channel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from covfast.evaluate import CLASS_NAMES, summarize
+from covfast.nn import build_model, count_parameters, load_model, save_model
+from training.augment import AugmentConfig
+from training.data import cv_folds, load_labelled, load_unlabelled
+from training.loops import OptimConfig, predict, score, train_inpainting, train_segmentation
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a recipe JSON file; its file stem is the default run name."""
+    recipe = json.loads(Path(path).read_text())
+    recipe.setdefault("name", Path(path).stem)
+    return recipe
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def init_from(model: torch.nn.Module, path: Path, prefix: str = "") -> int:
+    """Copy the tensors of ``path`` whose names start with ``prefix`` and whose shapes fit into ``model``.
+
+    A first convolution with more input channels than the source (slice + prior after slice-only pretraining)
+    gets the source's weights in its first channels and zeros elsewhere, so it starts as the pretrained
+    slice-only filter. Returns the number of tensors copied.
+    """
+    source = load_file(str(path))
+    target = model.state_dict()
+    copied = 0
+    for key, value in source.items():
+        if not key.startswith(prefix) or key not in target:
+            continue
+        dest = target[key]
+        if dest.shape == value.shape:
+            target[key] = value
+        elif dest.dim() == 4 and dest.shape[0] == value.shape[0] and dest.shape[2:] == value.shape[2:]:
+            widened = torch.zeros_like(dest)
+            widened[:, : value.shape[1]] = value
+            target[key] = widened
+        else:
+            continue
+        copied += 1
+    model.load_state_dict(target)
+    return copied
+
+
+def _model(recipe: dict, runs: Path) -> tuple[torch.nn.Module, str]:
+    spec = recipe["model"]
+    model = build_model(spec["arch"], **spec.get("config", {}))
+    note = f"{spec['arch']} {count_parameters(model) / 1e6:.2f} M parameters"
+    if recipe.get("init"):
+        source = runs / recipe["init"]["run"] / "final.safetensors"
+        copied = init_from(model, source, recipe["init"].get("prefix", ""))
+        note += f"; {copied} tensors from {source}"
+    return model, note
+
+
+def _optim(recipe: dict) -> OptimConfig:
+    return OptimConfig(**recipe.get("optim", {}))
+
+
+def _augment(recipe: dict) -> AugmentConfig | None:
+    cfg = recipe.get("augment")
+    if cfg is None:
+        return None
+    return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+def _priors(recipe: dict, runs: Path, model_file: str, images: torch.Tensor) -> torch.Tensor | None:
+    if not recipe.get("prior"):
+        return None
+    prior_model = load_model(runs / recipe["prior"]["run"] / model_file, images.device)
+    return predict(prior_model, images, "infection")
+
+
+def _save(model, out: Path, recipe: dict, meta: dict) -> str:
+    spec = recipe["model"]
+    sha = save_model(model, out, spec["arch"], spec.get("config", {}))
+    out.with_suffix(".json").write_text(json.dumps({**meta, "sha256": sha}, indent=2))
+    return sha
+
+
+def run_pretrain(recipe: dict, data: Path, runs: Path, device: torch.device, seed: int) -> dict:
+    """Self-supervised inpainting pretraining on the unlabelled slices; writes final.safetensors."""
+    out_dir = runs / recipe["name"]
+    size = recipe.get("size", 352)
+    images = load_unlabelled(data, size).images.to(device)
+    model, note = _model(recipe, runs)
+    coach = None
+    if recipe["mask"] == "coach":
+        spec = recipe["coach"]
+        coach = build_model(spec["arch"], **spec.get("config", {}))
+    opt = _optim(recipe)
+    log = train_inpainting(
+        model, images, opt, device, seed, coach=coach, steps_coach=recipe.get("steps_coach", 0),
+        steps_alt=recipe.get("steps_alt", 0), keep=recipe.get("keep", 0.75), alpha=recipe.get("alpha", 1.0),
+        score_gain=recipe.get("score_gain", 10.0), aug=_augment(recipe), ckpt_path=out_dir / "ckpt.pt",
+    )
+    meta = {"recipe": recipe, "model": note, "device": str(device), "seconds": log.seconds, "l_rec": log.losses}
+    _save(model, out_dir / "final.safetensors", recipe, meta)
+    if coach is not None:
+        save_model(coach, out_dir / "coach.safetensors", recipe["coach"]["arch"], recipe["coach"].get("config", {}))
+    return meta
+
+
+def _fit(recipe, runs, slices, device, seed, ckpt, priors=None, soft=False):
+    model, note = _model(recipe, runs)
+    task = recipe.get("task", "infection")
+    log = train_segmentation(model, slices.images.to(device), slices.targets.to(device), task, _optim(recipe),
+                             _augment(recipe), device, seed, priors=priors, soft_targets=soft, ckpt_path=ckpt)
+    return model, note, log
+
+
+def run_segment(recipe: dict, data: Path, runs: Path, device: torch.device, seed: int, folds: list[int],
+                final: bool) -> dict:
+    """Supervised segmentation: CV folds and/or the final fit (see the module docstring)."""
+    out_dir = runs / recipe["name"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = recipe.get("size", 352)
+    task = recipe.get("task", "infection")
+    summary: dict = {"recipe": recipe, "device": str(device)}
+    if recipe.get("data", "labelled") == "pseudo":
+        slices = load_unlabelled(data, size)
+        model, note, log = _fit(recipe, runs, slices, device, seed, out_dir / "ckpt.pt", soft=True)
+        summary.update(model=note, seconds=log.seconds)
+        _save(model, out_dir / "final.safetensors", recipe, summary)
+        return summary
+    labelled = load_labelled(data, size, task)
+    all_images = labelled.images.to(device)
+    split = cv_folds(len(labelled.names), 5, recipe.get("split_seed", 0))
+    for k in folds:
+        val = split[k]
+        train = [i for i in range(len(labelled.names)) if i not in set(val.tolist())]
+        priors = _priors(recipe, runs, f"fold{k}.safetensors", all_images)
+        model, note, log = _fit(recipe, runs, labelled.subset(train), device, seed + k, out_dir / f"fold{k}.pt",
+                                priors=None if priors is None else priors[train])
+        val_set = labelled.subset(val)
+        probs = predict(model, all_images[val], task, None if priors is None else priors[val])
+        per_image = score(probs, val_set.native_targets, val_set.names, task)
+        fold = {"fold": k, "model": note, "seconds": log.seconds, "val": val_set.names, "per_image": per_image}
+        _save(model, out_dir / f"fold{k}.safetensors", recipe, {k2: v for k2, v in fold.items() if k2 != "per_image"})
+        (out_dir / f"fold{k}.json").write_text(json.dumps(fold, indent=2))
+        print(f"{recipe['name']} fold {k}: {log.seconds:.0f}s", flush=True)
+    fold_files = sorted(out_dir.glob("fold[0-9].json"))
+    if len(fold_files) == 5:
+        per_image = [m for f in fold_files for m in json.loads(f.read_text())["per_image"]]
+        seconds = sum(json.loads(f.read_text())["seconds"] for f in fold_files)
+        if task == "infection":
+            summary["cv"] = summarize(per_image)
+        else:
+            summary["cv"] = {name: summarize([m[name] for m in per_image]) for name in CLASS_NAMES.values()}
+        summary["cv_seconds"] = seconds
+        (out_dir / "cv.json").write_text(json.dumps(summary, indent=2))
+    if final:
+        priors = _priors(recipe, runs, "final.safetensors", all_images)
+        model, note, log = _fit(recipe, runs, labelled, device, seed, out_dir / "final.pt", priors=priors)
+        summary.update(model=note, final_seconds=log.seconds)
+        _save(model, out_dir / "final.safetensors", recipe, summary)
+    return summary
+
+
+def run_recipe(path: str | Path, data: str | Path, runs: str | Path = "runs", device: str = "auto", seed: int = 0,
+               folds: list[int] | None = None, final: bool = False) -> dict:
+    """Run one recipe file; returns the summary it also writes next to its outputs."""
+    recipe = load_recipe(path)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    if recipe["kind"] == "pretrain":
+        result = run_pretrain(recipe, Path(data), Path(runs), dev, seed)
+    elif recipe["kind"] == "segment":
+        result = run_segment(recipe, Path(data), Path(runs), dev, seed, list(range(5)) if folds is None else folds,
+                             final)
+    else:
+        raise ValueError(f"{path}: unknown recipe kind {recipe['kind']!r}")
+    print(f"{recipe['name']}: done in {time.perf_counter() - t0:.0f}s on {dev}", flush=True)
+    return result
