@@ -73,6 +73,32 @@ def _probe(backend: str, device_type: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def cuda_extension():
+    """``covfast._cuda``, or a clear error where it is not built or no GPU is visible."""
+    ok, reason = _probe("cuda", "cuda")
+    if not ok:
+        raise RuntimeError(f"the CUDA backend cannot run: {reason}")
+    return importlib.import_module("covfast._cuda")
+
+
+FLOAT_TYPES = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}  # covfast::FloatType codes
+
+
+def float_type(dtype) -> int:
+    """The covfast::FloatType code of a torch dtype the CUDA kernels take (float32, float16, bfloat16)."""
+    try:
+        return FLOAT_TYPES[str(dtype)]
+    except KeyError:
+        raise ValueError(f"the CUDA kernels take float32, float16 or bfloat16, not {dtype}") from None
+
+
+def stream_handle(device) -> int:
+    """The caller's current CUDA stream on ``device``, as the integer handle the bindings take."""
+    import torch
+
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def available_backends() -> dict[str, tuple[bool, str]]:
     """Which backends can run on this machine, for ``covfast info``.
 

@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 usage, 3 bad input or unwritable output, 1 internal error.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="version, compiled extensions, backends, devices, installed models")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    engine = sub.add_parser(
+        "build-engine", help="export the shipped models to ONNX and build TensorRT engines (when tensorrt is installed)",
+        epilog="example:\n  covfast build-engine --precision fp16 --max-batch 32",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    engine.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
+    engine.add_argument("--max-batch", type=_positive_int, default=32, metavar="N", help="largest batch of the profile")
+    engine.add_argument("--out", metavar="DIR", help="engine cache folder (default: $COVFAST_ENGINE_DIR or "
+                        "~/.cache/covfast/engines)")
+    engine.set_defaults(func=cmd_build_engine)
 
     evaluate = sub.add_parser(
         "evaluate-slices", help="score the shipped models on 2D slices (Inf-Net COVID-SemiSeg layout)",
@@ -140,6 +152,15 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def cmd_build_engine(args) -> int:
+    import json
+
+    from covfast.engine import build_engine
+
+    print(json.dumps(build_engine(args.precision, args.max_batch, args.out), indent=2, default=str))
+    return EXIT_OK
+
+
 def cmd_evaluate_slices(args) -> int:
     import json
 
@@ -167,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("covfast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:
+            # Run as a program, the process is about to exit: the interpreter's final garbage collection over
+            # torch's, scipy's and matplotlib's objects takes ~0.8 s of a ~5 s run and frees nothing the OS would
+            # not. Frozen objects are skipped by it; atexit handlers and file flushes still run.
+            gc.freeze()
 
 
 if __name__ == "__main__":

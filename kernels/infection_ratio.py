@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-ROWS = 8
+ROWS = 4  # with BLOCK_W <= 256: 1024-voxel tiles keep the 9 accumulators in registers
 # partial counts per program: lung right, lung left, class 1 right, class 1 left, class 2 right, class 2 left, max class
 _NUM_COUNTS = 7
 
@@ -113,7 +113,7 @@ def infection_ratio_partials(
     soft = torch.empty((depth, row_blocks, 2), dtype=torch.float64, device=lung.device)
     if counts.numel() == 0 or width == 0:
         return counts.zero_(), soft.zero_()
-    block_w = min(triton.next_power_of_2(width), 512)
+    block_w = min(triton.next_power_of_2(width), 256)
     _infection_ratio_fwd_kernel[(depth, row_blocks)](
         lung,
         infection,

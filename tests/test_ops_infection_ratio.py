@@ -125,6 +125,7 @@ def test_public_op_totals_and_opcheck():
     expected = oracle(lung, infection, 0.4)
     np.testing.assert_array_equal(lung_total.numpy(), expected[0].sum(0))
     np.testing.assert_array_equal(infected_total.numpy(), expected[1].sum(0))
+    np.testing.assert_allclose(soft_total.numpy(), expected[2].sum(0), rtol=1e-9)
     torch.library.opcheck(torch.ops.covfast.infection_ratio.default, (lung, infection, 0.4))
     classes = (infection * 3).clamp(max=2).to(torch.uint8)
     torch.library.opcheck(torch.ops.covfast.infection_ratio.default, (lung, classes, 0.5))

@@ -91,7 +91,7 @@ def test_float16_error_within_twice_reference():
     assert op_err <= 2 * ref_err + 1e-6
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_backend_forward_backward(backend):
     if not _backend._probe(backend, "cpu")[0]:
         pytest.skip(_backend._probe(backend, "cpu")[1])

@@ -123,7 +123,9 @@ class ReverseAttentionStage(nn.Module):
     def forward(self, feat: torch.Tensor, e_att: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """feat [B, Cf, h, w], e_att [B, Ce, H/4, W/4], coarse logits [B, 1, h', w'] -> logits [B, 1, h, w]."""
         edge = F.interpolate(e_att, size=feat.shape[-2:], mode="bilinear", align_corners=False)
-        weighted = ops.reverse_attention(torch.cat([feat, edge], dim=1), coarse)
+        gated = torch.cat([feat, edge], dim=1)
+        # Under mixed precision the side map (a conv output) and the features (a batch-norm output) can differ.
+        weighted = ops.reverse_attention(gated, coarse.to(gated.dtype))
         coarse_here = F.interpolate(coarse, size=feat.shape[-2:], mode="bilinear", align_corners=False)
         return coarse_here + self.refine(weighted)
 

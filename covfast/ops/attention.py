@@ -11,6 +11,78 @@ _backend.register("reverse_attention", "reference", ("cpu", "cuda"))(reference.r
 _backend.register("reverse_attention_backward", "reference", ("cpu", "cuda"))(reference.reverse_attention_backward)
 
 
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@_backend.register("reverse_attention", "cuda", ("cuda",))
+def _reverse_attention_cuda(x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    if x.dtype not in _CUDA_DTYPES:  # float64: the reference is exact and rarely used on the GPU
+        return reference.reverse_attention(x, side)
+    ext = _backend.cuda_extension()
+    x, side = x.contiguous(), side.contiguous()
+    out = torch.empty_like(x)
+    with torch.cuda.device(x.device):
+        ext.reverse_attention_fwd(
+            x.data_ptr(),
+            side.data_ptr(),
+            out.data_ptr(),
+            _backend.float_type(x.dtype),
+            *x.shape[:1],
+            x.shape[1],
+            x.shape[2],
+            x.shape[3],
+            side.shape[2],
+            side.shape[3],
+            _backend.stream_handle(x.device),
+        )
+    return out
+
+
+@_backend.register("reverse_attention_backward", "cuda", ("cuda",))
+def _reverse_attention_backward_cuda(grad: torch.Tensor, x: torch.Tensor, side: torch.Tensor):
+    if x.dtype not in _CUDA_DTYPES:
+        return reference.reverse_attention_backward(grad, x, side)
+    ext = _backend.cuda_extension()
+    grad, x, side = grad.contiguous(), x.contiguous(), side.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_side = torch.zeros(side.shape, dtype=torch.float32, device=side.device)  # atomics accumulate in float32
+    with torch.cuda.device(x.device):
+        ext.reverse_attention_bwd(
+            grad.data_ptr(),
+            x.data_ptr(),
+            side.data_ptr(),
+            grad_x.data_ptr(),
+            grad_side.data_ptr(),
+            _backend.float_type(x.dtype),
+            x.shape[0],
+            x.shape[1],
+            x.shape[2],
+            x.shape[3],
+            side.shape[2],
+            side.shape[3],
+            _backend.stream_handle(x.device),
+        )
+    return grad_x, grad_side.to(side.dtype)
+
+
+@_backend.register("reverse_attention", "triton", ("cuda", "cpu"))
+def _reverse_attention_triton(x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    from covfast.kernels.reverse_attention import reverse_attention_fwd
+
+    if x.dtype not in _CUDA_DTYPES:
+        return reference.reverse_attention(x, side)
+    return reverse_attention_fwd(x, side)
+
+
+@_backend.register("reverse_attention_backward", "triton", ("cuda", "cpu"))
+def _reverse_attention_backward_triton(grad: torch.Tensor, x: torch.Tensor, side: torch.Tensor):
+    from covfast.kernels.reverse_attention import reverse_attention_bwd
+
+    if x.dtype not in _CUDA_DTYPES:
+        return reference.reverse_attention_backward(grad, x, side)
+    return reverse_attention_bwd(grad, x, side)
+
+
 def _check(x: torch.Tensor, side: torch.Tensor) -> None:
     if x.dim() != 4 or side.dim() != 4:
         raise ValueError(f"reverse_attention expects x [B,C,H,W] and side [B,1,h,w]; got {x.shape} and {side.shape}")

@@ -10,6 +10,32 @@ from covfast.ops import reference
 _backend.register("coach_mask", "reference", ("cpu", "cuda"))(reference.coach_mask)
 
 
+@_backend.register("coach_mask", "cuda", ("cuda",))
+def _coach_mask_cuda(score: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    if score.dtype == torch.float64 or score.numel() == 0:
+        return reference.coach_mask(score, keep, alpha)
+    ext = _backend.cuda_extension()
+    score = score.contiguous()
+    batch, pixels = score.shape[0], score.shape[2] * score.shape[3]
+    mask = torch.empty_like(score)
+    thresholds = torch.empty(batch, dtype=torch.float32, device=score.device)
+    histograms = torch.zeros((4, batch, 256), dtype=torch.int32, device=score.device)
+    with torch.cuda.device(score.device):
+        ext.coach_mask(
+            score.data_ptr(),
+            mask.data_ptr(),
+            thresholds.data_ptr(),
+            histograms.data_ptr(),
+            _backend.float_type(score.dtype),
+            batch,
+            pixels,
+            reference.coach_k(keep, pixels),
+            float(alpha),
+            _backend.stream_handle(score.device),
+        )
+    return mask
+
+
 def _check(score: torch.Tensor, keep: float) -> None:
     if score.dim() != 4 or score.shape[1] != 1:
         raise ValueError(f"coach_mask expects score [B,1,H,W]; got {tuple(score.shape)}")

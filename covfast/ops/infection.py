@@ -76,6 +76,37 @@ def _infection_ratio_cpp(lung: torch.Tensor, infection: torch.Tensor, threshold:
     return outputs
 
 
+@_backend.register("infection_ratio", "cuda", ("cuda",))
+def _infection_ratio_cuda(lung: torch.Tensor, infection: torch.Tensor, threshold: float):
+    if infection.dtype == torch.float64:  # compared in double: the reference is exact
+        return reference.infection_ratio(lung, infection, threshold)
+    ext = _backend.cuda_extension()
+    depth = lung.shape[0]
+    lung_voxels = torch.zeros((depth, 2), dtype=torch.int64, device=lung.device)
+    infected = torch.zeros((depth, 2, 2), dtype=torch.int64, device=lung.device)
+    soft = torch.zeros((depth, 2), dtype=torch.float64, device=lung.device)
+    bad_class = torch.zeros(1, dtype=torch.int32, device=lung.device)
+    type_code = {torch.uint8: 0, torch.float16: 1, torch.float32: 2, torch.bfloat16: 4}[infection.dtype]
+    with torch.cuda.device(lung.device):
+        ext.infection_ratio(
+            lung.data_ptr(),
+            lung.stride(),
+            infection.data_ptr(),
+            infection.stride(),
+            type_code,
+            *lung.shape,
+            float32_threshold(threshold),
+            lung_voxels.data_ptr(),
+            infected.data_ptr(),
+            soft.data_ptr(),
+            bad_class.data_ptr(),
+            _backend.stream_handle(lung.device),
+        )
+    if infection.dtype == torch.uint8 and int(bad_class.item()):
+        raise ValueError(reference.BAD_CLASS_MESSAGE)
+    return lung_voxels, infected, soft
+
+
 @_backend.register("infection_ratio", "triton", ("cuda", "cpu"))
 def _infection_ratio_triton(lung: torch.Tensor, infection: torch.Tensor, threshold: float):
     from covfast.kernels.infection_ratio import infection_ratio_partials

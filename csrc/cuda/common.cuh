@@ -43,25 +43,4 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Sum over the block; the result is valid in thread 0. `scratch` holds one T per warp.
-template <typename T>
-__device__ __forceinline__ T block_sum(T v, T* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  const int warps = (blockDim.x + 31) >> 5;
-  v = threadIdx.x < warps ? scratch[threadIdx.x] : T(0);
-  if (warp == 0) v = warp_sum(v);
-  __syncthreads();  // scratch may be reused by the caller's next reduction
-  return v;
-}
-
-inline cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
-
-inline unsigned blocks_for(int64_t n, int threads, int64_t cap = 65535LL * 64) {
-  const int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
-}
-
 }  // namespace covfast

@@ -3,8 +3,8 @@
 // Grid (chunks, D): block (c, d) reduces voxels [c * chunk, (c + 1) * chunk) of slice d (flat in-slice index
 // i = h * W + w) into 6 counts, 2 soft sums and the largest class value, then adds them atomically into the
 // zero-initialized per-slice outputs. Integer counts are exact; the float64 soft sums are added in a
-// non-deterministic order (differences in the last bits only). Contiguous slices of float32 with 16-byte
-// alignment take 4-wide vector loads.
+// non-deterministic order (differences in the last bits only). Contiguous, 16-byte aligned slices take 16-byte
+// loads, 16 voxels per thread and step, so many loads are in flight per thread.
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -14,7 +14,7 @@ namespace covfast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 16384;  // voxels per block: 64 per thread
+constexpr int64_t kChunk = 32768;  // voxels per block: 128 per thread, 8 vector steps
 
 struct Counts {
   uint32_t lung_r = 0, lung_l = 0, c1_r = 0, c1_l = 0, c2_r = 0, c2_l = 0, max_class = 0;
@@ -45,10 +45,25 @@ __device__ __forceinline__ void add_voxel(Counts& c, uint8_t label, T value, flo
   }
 }
 
+// 16 voxels per thread and step: 16 labels in one 16-byte load, their values in 16 / sizeof(T) 16-byte loads.
+template <typename T>
+__device__ __forceinline__ void add_16(Counts& c, const uint8_t* lung, const T* values, int64_t i, float threshold) {
+  const uint4 label_bits = *reinterpret_cast<const uint4*>(lung + i);
+  const uint8_t* labels = reinterpret_cast<const uint8_t*>(&label_bits);
+  constexpr int kPerLoad = 16 / sizeof(T);
+#pragma unroll
+  for (int part = 0; part < 16 / kPerLoad; ++part) {
+    const uint4 value_bits = *reinterpret_cast<const uint4*>(values + i + part * kPerLoad);
+    const T* v = reinterpret_cast<const T*>(&value_bits);
+#pragma unroll
+    for (int j = 0; j < kPerLoad; ++j) add_voxel(c, labels[part * kPerLoad + j], v[j], threshold);
+  }
+}
+
 template <typename T, bool kContiguous, bool kVector>
-__global__ void infection_ratio_kernel(InfectionRatioCudaParams p, float threshold) {
-  __shared__ double scratch_f64[32];
-  __shared__ unsigned long long scratch_u64[32];
+__global__ void __launch_bounds__(kThreads) infection_ratio_kernel(InfectionRatioCudaParams p, float threshold) {
+  constexpr int kFields = 9;  // 6 counts, max class, 2 soft sums (as float bits)
+  __shared__ float partial[kThreads / 32][kFields];
   const int64_t d = blockIdx.y;
   const int64_t plane = p.height * p.width;
   const int64_t begin = blockIdx.x * kChunk;
@@ -57,15 +72,7 @@ __global__ void infection_ratio_kernel(InfectionRatioCudaParams p, float thresho
   const auto* values = static_cast<const T*>(p.infection) + d * p.infection_stride[0];
   Counts c;
   if constexpr (kVector) {
-    // float32, contiguous slice, 16-byte aligned slice starts, plane % 4 == 0: 4 voxels per load
-    for (int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kThreads) {
-      const uchar4 labels = *reinterpret_cast<const uchar4*>(lung + i);
-      const float4 probs = *reinterpret_cast<const float4*>(values + i);
-      add_voxel(c, labels.x, probs.x, threshold);
-      add_voxel(c, labels.y, probs.y, threshold);
-      add_voxel(c, labels.z, probs.z, threshold);
-      add_voxel(c, labels.w, probs.w, threshold);
-    }
+    for (int64_t i = begin + 16 * threadIdx.x; i < end; i += 16 * kThreads) add_16(c, lung, values, i, threshold);
   } else {
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
       int64_t lung_offset = i, value_offset = i;
@@ -77,24 +84,37 @@ __global__ void infection_ratio_kernel(InfectionRatioCudaParams p, float thresho
       add_voxel(c, lung[lung_offset], values[value_offset], threshold);
     }
   }
-  const uint32_t counts[6] = {c.lung_r, c.lung_l, c.c1_r, c.c1_l, c.c2_r, c.c2_l};
-  // output slots: lung_voxels[d, side]; infected_voxels[d, side, class]
-  unsigned long long* lung_out = reinterpret_cast<unsigned long long*>(p.lung_voxels) + d * 2;
-  unsigned long long* infected_out = reinterpret_cast<unsigned long long*>(p.infected_voxels) + d * 4;
-  unsigned long long* const targets[6] = {lung_out, lung_out + 1, infected_out, infected_out + 2,
-                                          infected_out + 1, infected_out + 3};
-  for (int k = 0; k < 6; ++k) {
-    const unsigned long long total = block_sum<unsigned long long>(counts[k], scratch_u64);
-    if (threadIdx.x == 0 && total) atomicAdd(targets[k], total);
+  // Warp sums by shuffles, then warp 0 adds the per-warp partials: one barrier per block. Counts stay below 2^24
+  // per block (kChunk voxels), so they are exact in float.
+  float fields[kFields] = {float(c.lung_r), float(c.lung_l), float(c.c1_r), float(c.c1_l),  float(c.c2_r),
+                           float(c.c2_l),  float(c.max_class), c.soft_r,      c.soft_l};
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int f = 0; f < kFields; ++f) {
+    fields[f] = f == 6 ? fields[f] : warp_sum(fields[f]);
+    if (f == 6) {
+      for (int offset = 16; offset > 0; offset >>= 1)
+        fields[f] = fmaxf(fields[f], __shfl_down_sync(0xffffffffu, fields[f], offset));
+    }
+    if (lane == 0) partial[warp][f] = fields[f];
   }
-  const double soft_r = block_sum<double>(c.soft_r, scratch_f64);
-  const double soft_l = block_sum<double>(c.soft_l, scratch_f64);
-  if (threadIdx.x == 0) {
-    atomicAdd(p.soft_sum + d * 2, soft_r);
-    atomicAdd(p.soft_sum + d * 2 + 1, soft_l);
-  }
-  if constexpr (std::is_same_v<T, uint8_t>) {
-    if (c.max_class > 2) atomicOr(p.bad_class_flag, 1);
+  __syncthreads();
+  if (threadIdx.x < kFields) {
+    const int f = threadIdx.x;
+    double total = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) total = f == 6 ? (partial[w][f] > total ? partial[w][f] : total) : total + partial[w][f];
+    // output slots: lung_voxels[d, side]; infected_voxels[d, side, class]
+    auto* lung_out = reinterpret_cast<unsigned long long*>(p.lung_voxels) + d * 2;
+    auto* infected_out = reinterpret_cast<unsigned long long*>(p.infected_voxels) + d * 4;
+    unsigned long long* const targets[6] = {lung_out,         lung_out + 1,     infected_out,
+                                            infected_out + 2, infected_out + 1, infected_out + 3};
+    if (f < 6) {
+      if (total > 0) atomicAdd(targets[f], static_cast<unsigned long long>(total));
+    } else if (f == 6) {
+      if (total > 2) atomicOr(p.bad_class_flag, 1);
+    } else {
+      atomicAdd(p.soft_sum + d * 2 + (f - 7), total);
+    }
   }
 }
 
@@ -104,11 +124,9 @@ void launch_typed(const InfectionRatioCudaParams& p, float threshold, cudaStream
   const dim3 grid(static_cast<unsigned>((plane + kChunk - 1) / kChunk), static_cast<unsigned>(p.depth));
   const bool contiguous = p.lung_stride[2] == 1 && p.infection_stride[2] == 1 && p.lung_stride[1] == p.width &&
                           p.infection_stride[1] == p.width;
-  bool vector = false;
-  if constexpr (std::is_same_v<T, float>) {
-    vector = contiguous && plane % 4 == 0 && p.lung_stride[0] % 4 == 0 && p.infection_stride[0] % 4 == 0 &&
-             reinterpret_cast<uintptr_t>(p.lung) % 4 == 0 && reinterpret_cast<uintptr_t>(p.infection) % 16 == 0;
-  }
+  const bool vector = contiguous && plane % 16 == 0 && p.lung_stride[0] % 16 == 0 &&
+                      (p.infection_stride[0] * sizeof(T)) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(p.lung) % 16 == 0 && reinterpret_cast<uintptr_t>(p.infection) % 16 == 0;
   if (vector) {
     infection_ratio_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(p, threshold);
   } else if (contiguous) {

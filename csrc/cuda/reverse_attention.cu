@@ -83,13 +83,17 @@ __global__ void reverse_attention_bwd_kernel(ReverseAttentionParams p, const T* 
   atomicAdd(gs + ty.i1 * p.side_width + tx.i1, grad_up * ty.w1 * tx.w1);
 }
 
-// Channel groups so that there are at least ~4 waves of threads on a big GPU even for small planes (deep
-// decoder stages are 11 x 11 with 2048 channels), while each thread still amortizes its gate over channels.
+// Channel groups so that a big GPU is filled even for small planes (deep decoder stages are 11 x 11 with 2048
+// channels), while each thread still amortizes its gate over at least kMinGroup channels (the backward's atomics
+// into grad_side scale with the number of groups).
+constexpr int kMinGroup = 16;
+
 ReverseAttentionParams with_groups(ReverseAttentionParams p) {
   const int64_t pixels = p.batch * static_cast<int64_t>(p.height) * p.width;
-  const int64_t want_threads = 132LL * 2048 * 4;
+  const int64_t want_threads = 132LL * 2048 * 2;
   int64_t groups = (want_threads + pixels - 1) / pixels;
-  groups = groups < 1 ? 1 : (groups > p.channels ? p.channels : groups);
+  const int64_t max_groups = (p.channels + kMinGroup - 1) / kMinGroup;
+  groups = groups < 1 ? 1 : (groups > max_groups ? max_groups : groups);
   p.channels_per_group = static_cast<int>((p.channels + groups - 1) / groups);
   return p;
 }

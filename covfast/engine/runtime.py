@@ -1,0 +1,213 @@
+"""Inference engines for the slice-batch graph, and the choice among them.
+
+Every engine has a ``name`` (recorded in the report) and ``run(batch) -> probabilities`` with
+``batch: [N, C, S, S] float32`` standardised slices (S = ``covfast.nn.preprocess.INPUT_SIZE``) and probabilities
+``[N, K, S, S] float32``.
+
+``auto`` tries, in order: TensorRT (a cached engine built by ``covfast build-engine`` for this model, TensorRT
+version and GPU), torch on CUDA, onnxruntime (CUDA provider when present, else CPU), torch on the CPU. Each engine
+passed over is listed with the reason in :attr:`Selection.skipped`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covfast.engine.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ProbabilityHead, export_onnx, read_metadata
+from covfast.errors import UsageError
+
+ENGINES = ("auto", "torch", "onnx", "tensorrt")
+# TensorRT engines are tried in this order when no precision is asked for.
+_PRECISION_PREFERENCE = ("fp16", "bf16", "fp32")
+
+
+def default_cache_dir() -> Path:
+    """Folder of exported ONNX files and TensorRT engines: ``$COVFAST_ENGINE_DIR`` or ``~/.cache/covfast/engines``."""
+    return Path(os.environ.get("COVFAST_ENGINE_DIR") or Path.home() / ".cache" / "covfast" / "engines")
+
+
+def ensure_onnx(model_file: str | Path, out_dir: str | Path) -> dict:
+    """The ONNX export of a covfast weights file in ``out_dir``, reused when it was exported from the same weights.
+
+    Args:
+        model_file: covfast ``.safetensors`` weights.
+        out_dir: folder of ``<stem>.onnx``.
+
+    Returns:
+        dict with ``path``, ``metadata``, ``reused`` (and ``onnx_sha256``, ``seconds`` when exported now).
+    """
+    from covfast.nn import load_model, read_architecture, sha256_file
+
+    model_file = Path(model_file)
+    sha = sha256_file(model_file)
+    path = Path(out_dir) / f"{model_file.stem}.onnx"
+    if path.exists():
+        metadata = read_metadata(path)
+        if metadata.get("model_sha256") == sha and metadata.get("opset") == str(OPSET):
+            return {"path": str(path), "metadata": metadata, "reused": True}
+    arch, config = read_architecture(model_file)
+    exported = export_onnx(load_model(model_file), path, model_sha256=sha, model_name=model_file.stem, arch=arch,
+                           config=config)
+    return {**exported, "reused": False}
+
+
+class TorchEngine:
+    """The network in torch (covfast's ops dispatch to the fastest backend for the device).
+
+    Args:
+        model: a covfast network.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, model, device: str):
+        self.head = ProbabilityHead(model).to(device).eval()
+        self.device = device
+        self.name = f"torch-{device}"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """batch: [N, C, H, W] float32 -> [N, K, H, W] float32 probabilities."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            return self.head(x).float().cpu().numpy()
+
+
+class OnnxRuntimeEngine:
+    """An ONNX file in onnxruntime, on the CUDA execution provider when available and asked for, else the CPU.
+
+    Args:
+        onnx_path: file from :func:`covfast.engine.onnx_export.export_onnx`.
+        device: ``cpu`` or ``cuda`` (``cuda`` falls back to the CPU provider when onnxruntime has no CUDA one).
+        threads: intra-op threads (0: onnxruntime's default, one per physical core).
+    """
+
+    def __init__(self, onnx_path: str | Path, device: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+        active = self.session.get_providers()[0]
+        self.name = "onnxruntime-cuda" if active == "CUDAExecutionProvider" else "onnxruntime-cpu"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """batch: [N, C, H, W] float32 -> [N, K, H, W] float32 probabilities."""
+        feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+        return self.session.run([OUTPUT_NAME], feed)[0]
+
+
+@dataclass
+class Selection:
+    """The engine chosen for one model and why the ones before it were passed over.
+
+    Attributes:
+        engine: object with ``name`` and ``run``.
+        skipped: (engine kind, reason) for each engine tried and not used, in the order tried.
+    """
+
+    engine: object
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        """JSON-ready summary for the report."""
+        return {"engine": self.engine.name, "skipped": [{"engine": k, "reason": r} for k, r in self.skipped]}
+
+
+def _tensorrt(model_file: Path, cache_dir: Path, precision: str | None, input_shape: tuple[int, int, int]):
+    """A :class:`~covfast.engine.tensorrt_builder.TensorRTEngine` for a cached engine that fits this machine."""
+    from covfast.engine import tensorrt_builder as trtb
+    from covfast.nn import sha256_file
+
+    sha = sha256_file(model_file)
+    probe = trtb.current_key(sha, precision or "fp32", 1, input_shape)  # raises when TensorRT or the GPU is missing
+    candidates = []
+    refused = []
+    for path, key, reason in trtb.find_engines(cache_dir, model_file.stem):
+        if key is None:
+            refused.append(reason)
+        elif (key.model_sha256, key.tensorrt_version, key.gpu_name, key.input_shape) != (
+                probe.model_sha256, probe.tensorrt_version, probe.gpu_name, probe.input_shape):
+            refused.append(f"{path.name}: built for other weights, TensorRT or GPU")
+        elif precision is None or key.precision == precision:
+            candidates.append((path, key))
+    if not candidates:
+        wanted = f"{precision} " if precision else ""
+        detail = f" ({'; '.join(refused)})" if refused else ""
+        raise trtb.TensorRTUnavailableError(
+            f"no usable {wanted}TensorRT engine for {model_file.stem} in {cache_dir}{detail}; run `covfast build-engine`")
+    path, key = min(candidates, key=lambda c: (_PRECISION_PREFERENCE.index(c[1].precision), -c[1].max_batch))
+    return trtb.TensorRTEngine(path, key, INPUT_NAME, OUTPUT_NAME)
+
+
+def select_engine(
+    kind: str,
+    model_file: str | Path,
+    *,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    precision: str | None = None,
+) -> Selection:
+    """Choose and load the engine that runs one covfast model.
+
+    Args:
+        kind: ``auto``, ``torch``, ``onnx`` or ``tensorrt``.
+        model_file: covfast ``.safetensors`` weights.
+        device: ``auto``, ``cpu`` or ``cuda``; ``cpu`` rules out TensorRT and CUDA providers.
+        cache_dir: folder of ONNX files and TensorRT engines (default :func:`default_cache_dir`).
+        precision: TensorRT engine precision to use (None: the best cached one, fp16 before bf16 before fp32).
+
+    Returns:
+        :class:`Selection`.
+
+    Raises:
+        UsageError: unknown ``kind``, or an explicitly requested engine is unavailable (the message says why).
+    """
+    import torch
+
+    from covfast.engine.onnx_export import in_channels
+    from covfast.engine.tensorrt_builder import TensorRTUnavailableError
+    from covfast.nn import load_model
+    from covfast.nn.preprocess import INPUT_SIZE
+
+    if kind not in ENGINES:
+        raise UsageError(f"unknown engine {kind!r} (choose one of {', '.join(ENGINES)})")
+    model_file = Path(model_file)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but torch sees no CUDA GPU")
+    skipped: list[tuple[str, str]] = []
+    model = load_model(model_file)
+
+    if kind in ("auto", "tensorrt"):
+        try:
+            if not cuda:
+                raise TensorRTUnavailableError("TensorRT needs a CUDA GPU and none is in use")
+            return Selection(_tensorrt(model_file, cache_dir, precision, (in_channels(model), INPUT_SIZE, INPUT_SIZE)),
+                             skipped)
+        except TensorRTUnavailableError as exc:
+            if kind == "tensorrt":
+                raise UsageError(f"--engine tensorrt: {exc}") from None
+            skipped.append(("tensorrt", str(exc)))
+    if kind in ("auto", "torch") and cuda:
+        return Selection(TorchEngine(model, "cuda"), skipped)
+    if kind == "auto":
+        skipped.append(("torch-cuda", "no CUDA GPU in use"))
+    if kind in ("auto", "onnx"):
+        try:
+            exported = ensure_onnx(model_file, cache_dir)
+            return Selection(OnnxRuntimeEngine(exported["path"], "cuda" if cuda else "cpu"), skipped)
+        except ImportError as exc:
+            if kind == "onnx":
+                raise UsageError(f"--engine onnx needs onnx and onnxruntime (pip install covfast[onnx]): {exc}") from None
+            skipped.append(("onnx", f"onnx/onnxruntime not installed ({exc})"))
+    return Selection(TorchEngine(model, "cpu"), skipped)
