@@ -162,13 +162,15 @@ def evaluate_slices(images_dir, masks_dir, task: str = "infection", json_path=No
         are those of :func:`summarize` at the top level; for "multiclass" they sit under "ggo" and
         "consolidation". Each ``per_image`` entry names the image and carries its metrics.
     """
-    from covfast.errors import UsageError
-    from covfast.pipeline.infection import load_models, predict_slices
+    from covfast.errors import ModelNotInstalledError, UsageError
+    from covfast.pipeline.infection import MULTI_CLASS, load_models, predict_slices
 
     if task not in ("infection", "multiclass"):
         raise UsageError(f"unknown task {task!r}; use infection or multiclass")
     pairs = _pairs(Path(images_dir), Path(masks_dir))
     models = load_models(device, multiclass=task == "multiclass")
+    if task == "multiclass" and MULTI_CLASS not in models:
+        raise ModelNotInstalledError(f"no multi-class model installed ({MULTI_CLASS}.safetensors)")
     per_image = []
     for image_path, mask_path in pairs:
         image = _read_gray(image_path)

@@ -25,7 +25,21 @@ def _bilinear_tap(out_index, scale, in_size):
 
 
 @triton.jit
-def _gate_inputs(pixel, height, width, side_height, side_width, scale_h, scale_w):
+def _program_block(
+    num_pixels,
+    channels,
+    height,
+    width,
+    side_height,
+    side_width,
+    scale_h,
+    scale_w,
+    channels_per_group,
+    BLOCK: tl.constexpr,
+):
+    """This program's pixels, their bilinear taps into side, its channel range and the offset of x[b, c0, y, x]."""
+    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = pixel < num_pixels
     plane = height * width
     b = pixel // plane
     yx = pixel - b * plane
@@ -34,7 +48,10 @@ def _gate_inputs(pixel, height, width, side_height, side_width, scale_h, scale_w
     y0, y1, wy0, wy1 = _bilinear_tap(y, scale_h, side_height)
     x0, x1, wx0, wx1 = _bilinear_tap(x, scale_w, side_width)
     side_base = b * side_height * side_width
-    return b, yx, side_base, y0, y1, wy0, wy1, x0, x1, wx0, wx1
+    c_begin = tl.program_id(1) * channels_per_group
+    c_end = tl.minimum(channels, c_begin + channels_per_group)
+    offset = (b * channels + c_begin) * plane + yx
+    return ok, side_base, y0, y1, wy0, wy1, x0, x1, wx0, wx1, c_begin, c_end, offset
 
 
 @triton.jit
@@ -62,17 +79,12 @@ def _reverse_attention_fwd_kernel(
     channels_per_group,
     BLOCK: tl.constexpr,
 ):
-    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = pixel < num_pixels
-    b, yx, side_base, y0, y1, wy0, wy1, x0, x1, wx0, wx1 = _gate_inputs(
-        pixel, height, width, side_height, side_width, scale_h, scale_w
+    ok, side_base, y0, y1, wy0, wy1, x0, x1, wx0, wx1, c_begin, c_end, offset = _program_block(
+        num_pixels, channels, height, width, side_height, side_width, scale_h, scale_w, channels_per_group, BLOCK
     )
     up = _upsampled(side_ptr, ok, side_base, side_width, y0, y1, wy0, wy1, x0, x1, wx0, wx1)
     gate = 1.0 - tl.sigmoid(up)
     plane = height * width
-    c_begin = tl.program_id(1) * channels_per_group
-    c_end = tl.minimum(channels, c_begin + channels_per_group)
-    offset = (b * channels + c_begin) * plane + yx  # x[b, c, y, x]
     for _ in range(c_begin, c_end):
         value = tl.load(x_ptr + offset, mask=ok, other=0.0)
         tl.store(out_ptr + offset, (value.to(tl.float32) * gate).to(value.dtype), mask=ok)
@@ -97,16 +109,11 @@ def _reverse_attention_bwd_kernel(
     channels_per_group,
     BLOCK: tl.constexpr,
 ):
-    pixel = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = pixel < num_pixels
-    b, yx, side_base, y0, y1, wy0, wy1, x0, x1, wx0, wx1 = _gate_inputs(
-        pixel, height, width, side_height, side_width, scale_h, scale_w
+    ok, side_base, y0, y1, wy0, wy1, x0, x1, wx0, wx1, c_begin, c_end, offset = _program_block(
+        num_pixels, channels, height, width, side_height, side_width, scale_h, scale_w, channels_per_group, BLOCK
     )
     s = tl.sigmoid(_upsampled(side_ptr, ok, side_base, side_width, y0, y1, wy0, wy1, x0, x1, wx0, wx1))
     plane = height * width
-    c_begin = tl.program_id(1) * channels_per_group
-    c_end = tl.minimum(channels, c_begin + channels_per_group)
-    offset = (b * channels + c_begin) * plane + yx
     dot = tl.zeros([BLOCK], tl.float32)
     for _ in range(c_begin, c_end):
         g = tl.load(grad_ptr + offset, mask=ok, other=0.0)

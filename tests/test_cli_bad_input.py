@@ -61,38 +61,45 @@ def _huge_header(tmp):
     return path
 
 
-def _dicom_gap(tmp):
+def _write_series(folder, positions, series_uid=None, rows=16):
+    """Write an uncompressed CT series (one file per z position) into ``folder``; returns its SeriesInstanceUID."""
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    folder = tmp / "gap_series"
-    folder.mkdir()
-    series = generate_uid()
-    for n, z in enumerate([0.0, 2.0, 4.0, 10.0, 12.0]):
+    folder.mkdir(exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    study_uid = generate_uid()
+    for n, z in enumerate(positions):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"s{n}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        name = str(folder / f"{series_uid[-6:]}_{n}.dcm")
+        ds = FileDataset(name, {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID = meta.MediaStorageSOPClassUID
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID = series
-        ds.StudyInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyInstanceUID = study_uid
         ds.Modality = "CT"
-        ds.Rows, ds.Columns = 16, 16
+        ds.Rows, ds.Columns = rows, 16
         ds.PixelSpacing = [0.8, 0.8]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0.0, 0.0, z]
+        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
         ds.SliceThickness = 2.0
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
         ds.PixelRepresentation = 0
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = np.full((16, 16), 200, np.uint16).tobytes()
-        pydicom.dcmwrite(str(folder / f"s{n}.dcm"), ds, enforce_file_format=True)
-    return folder
+        ds.PixelData = np.full((rows, 16), 200, np.uint16).tobytes()
+        pydicom.dcmwrite(name, ds, enforce_file_format=True)
+    return series_uid
+
+
+def _dicom_gap(tmp):
+    _write_series(tmp / "gap_series", [0.0, 2.0, 4.0, 10.0, 12.0])
+    return tmp / "gap_series"
 
 
 CASES = {
@@ -141,4 +148,23 @@ def test_infection_mask_on_wrong_grid(tmp_path, capsys):
     code = main(["infer", str(sample_path()), "-o", str(out), "--infection-mask", str(mask), "--device", "cpu"])
     assert code == 3
     assert "mask.nii.gz" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_dicom_folder_with_two_series(tmp_path, capsys):
+    from covfast.io import load_volume
+
+    folder = tmp_path / "two_series"
+    big = _write_series(folder, np.arange(8) * 2.0)
+    small = _write_series(folder, np.arange(5) * 2.0, rows=12)
+    volume = load_volume(str(folder))
+    assert volume.series_uid == big and volume.hu.shape[0] == 8
+    assert any(small in w or "series" in w for w in volume.warnings)
+    chosen = load_volume(str(folder), series=small)
+    assert chosen.series_uid == small and chosen.hu.shape == (5, 12, 16)
+    out = tmp_path / "out"
+    code = main(["infer", str(folder), "-o", str(out), "--series", "1.2.3.4.5.6.7", "--device", "cpu"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "two_series" in err and "1.2.3.4.5.6.7" in err
     assert not out.exists() or list(out.iterdir()) == []

@@ -83,8 +83,12 @@ def test_non_contiguous(backend):
     for lung_view, infection_view in views:
         assert_matches_oracle(run(backend, lung_view, infection_view, 0.3), lung_view, infection_view, 0.3)
     classes = (infection * 3).clamp(max=2).to(torch.uint8)
-    assert_matches_oracle(run(backend, lung.transpose(1, 2), classes.transpose(1, 2), 0.5), lung.transpose(1, 2),
-                          classes.transpose(1, 2), 0.5)
+    assert_matches_oracle(
+        run(backend, lung.transpose(1, 2), classes.transpose(1, 2), 0.5),
+        lung.transpose(1, 2),
+        classes.transpose(1, 2),
+        0.5,
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

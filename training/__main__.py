@@ -4,6 +4,8 @@ Examples:
     python -m training carry --source ../shared/data/infnet-semiseg --dest .devcarry/infnet-semiseg
     python -m training run training/recipes/infnet_aug.json --data ../shared/data/infnet-semiseg --final
     python -m training run training/recipes/infnet_aug.json --folds 0 --device cpu
+    python -m training check-volumes --data ../shared/data/covid-ct-md --out runs/check_volumes
+    python -m training ship runs/infnet_erase --name infnet --task infection --train-command "..."
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ DEFAULT_DATA = "../shared/data/infnet-semiseg"
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     carry = sub.add_parser("carry", help="write a compact copy of the data for a remote machine")
     carry.add_argument("--source", default=DEFAULT_DATA)
@@ -30,11 +33,31 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--folds", default="0,1,2,3,4", help="comma-separated CV folds to run; empty for none")
     run.add_argument("--final", action="store_true", help="also fit on all labelled slices")
+    ship = sub.add_parser("ship", help="install a run's final model into covfast/weights with its model card")
+    ship.add_argument("run_dir", help="run folder holding final.safetensors, final.json and cv.json")
+    ship.add_argument("--name", required=True, help="installed name: infnet or infnet_multiclass")
+    ship.add_argument("--task", choices=("infection", "multiclass"), required=True)
+    ship.add_argument("--train-command", required=True, help="the command that trained the run (kept in the card)")
+    check = sub.add_parser("check-volumes", help="check the HU mapping on the COVID-CT-MD volumes")
+    check.add_argument("--data", default="../shared/data/covid-ct-md")
+    check.add_argument("--out", default="runs/check_volumes")
+    check.add_argument("--min-area-mm2", type=float, default=100.0)
     args = parser.parse_args(argv)
     if args.command == "carry":
         from training.carry import make_carry
 
         print(f"{make_carry(args.source, args.dest) / 1e6:.1f} MB written to {args.dest}")
+        return 0
+    if args.command == "check-volumes":
+        from training.check_volumes import check_volumes
+
+        check_volumes(args.data, args.out, args.min_area_mm2)
+        return 0
+    if args.command == "ship":
+        from training.ship import ship
+
+        card = ship(args.run_dir, args.name, args.task, args.train_command)
+        print(f"{card['name']}: {card['params']} parameters, sha256 {card['sha256']}")
         return 0
     from training.recipes import run_recipe
 

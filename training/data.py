@@ -66,7 +66,10 @@ def _load(image_dir: Path, target_dir: Path, size: int, target_kind: str, keep_n
         targets.append(np.asarray(Image.fromarray(target).resize((size, size), resample)))
         if keep_native:
             natives.append(target)
-    as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays))[:, None].contiguous()  # noqa: E731
+
+    def as_tensor(arrays):
+        return torch.from_numpy(np.stack(arrays))[:, None].contiguous()
+
     return SliceSet(names, as_tensor(images), as_tensor(targets), natives)
 
 

@@ -62,7 +62,9 @@ def _schedule(opt: OptimConfig) -> Callable[[int], float]:
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
 
 class _Checkpoint:
@@ -182,8 +184,9 @@ def train_segmentation(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, task: str, priors: torch.Tensor | None = None,
-            batch: int = 16) -> torch.Tensor:
+def predict(
+    model: nn.Module, images: torch.Tensor, task: str, priors: torch.Tensor | None = None, batch: int = 16
+) -> torch.Tensor:
     """Probabilities of a segmentation network.
 
     Args:
@@ -217,8 +220,9 @@ def score(probs: torch.Tensor, native_targets: list[np.ndarray], names: list[str
     return per_image
 
 
-def random_scores(shape: tuple[int, ...], device: torch.device, generator: torch.Generator, cells: int = 11,
-                  gain: float = 50.0) -> torch.Tensor:
+def random_scores(
+    shape: tuple[int, ...], device: torch.device, generator: torch.Generator, cells: int = 11, gain: float = 50.0
+) -> torch.Tensor:
     """Smooth random score maps [B, 1, S, S] for the random-erasing masks.
 
     Uniform noise on a coarse ``cells`` x ``cells`` grid upsampled bicubically, so thresholding at a quantile
@@ -335,8 +339,10 @@ def train_inpainting(
             coach_step(batch())
         if loss is not None and (step + 1) % log_every == 0:
             log.losses.append(float(loss.detach()))
-            print(f"{phase} step {step + 1}/{total} L_rec {log.losses[-1]:.4f} {time.perf_counter() - t0:.0f}s",
-                  flush=True)
+            print(
+                f"{phase} step {step + 1}/{total} L_rec {log.losses[-1]:.4f} {time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
         ckpt.maybe_save(step + 1, generator, final=step + 1 == total)
     log.seconds = time.perf_counter() - t0
     net.eval()

@@ -35,7 +35,7 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU."""
+    """ "auto" -> CUDA when available, else CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -116,9 +116,19 @@ def run_pretrain(recipe: dict, data: Path, runs: Path, device: torch.device, see
         coach = build_model(spec["arch"], **spec.get("config", {}))
     opt = _optim(recipe)
     log = train_inpainting(
-        model, images, opt, device, seed, coach=coach, steps_coach=recipe.get("steps_coach", 0),
-        steps_alt=recipe.get("steps_alt", 0), keep=recipe.get("keep", 0.75), alpha=recipe.get("alpha", 1.0),
-        score_gain=recipe.get("score_gain", 10.0), aug=_augment(recipe), ckpt_path=out_dir / "ckpt.pt",
+        model,
+        images,
+        opt,
+        device,
+        seed,
+        coach=coach,
+        steps_coach=recipe.get("steps_coach", 0),
+        steps_alt=recipe.get("steps_alt", 0),
+        keep=recipe.get("keep", 0.75),
+        alpha=recipe.get("alpha", 1.0),
+        score_gain=recipe.get("score_gain", 10.0),
+        aug=_augment(recipe),
+        ckpt_path=out_dir / "ckpt.pt",
     )
     meta = {"recipe": recipe, "model": note, "device": str(device), "seconds": log.seconds, "l_rec": log.losses}
     _save(model, out_dir / "final.safetensors", recipe, meta)
@@ -130,13 +140,25 @@ def run_pretrain(recipe: dict, data: Path, runs: Path, device: torch.device, see
 def _fit(recipe, runs, slices, device, seed, ckpt, priors=None, soft=False):
     model, note = _model(recipe, runs)
     task = recipe.get("task", "infection")
-    log = train_segmentation(model, slices.images.to(device), slices.targets.to(device), task, _optim(recipe),
-                             _augment(recipe), device, seed, priors=priors, soft_targets=soft, ckpt_path=ckpt)
+    log = train_segmentation(
+        model,
+        slices.images.to(device),
+        slices.targets.to(device),
+        task,
+        _optim(recipe),
+        _augment(recipe),
+        device,
+        seed,
+        priors=priors,
+        soft_targets=soft,
+        ckpt_path=ckpt,
+    )
     return model, note, log
 
 
-def run_segment(recipe: dict, data: Path, runs: Path, device: torch.device, seed: int, folds: list[int],
-                final: bool) -> dict:
+def run_segment(
+    recipe: dict, data: Path, runs: Path, device: torch.device, seed: int, folds: list[int], final: bool
+) -> dict:
     """Supervised segmentation: CV folds and/or the final fit (see the module docstring)."""
     out_dir = runs / recipe["name"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,8 +178,15 @@ def run_segment(recipe: dict, data: Path, runs: Path, device: torch.device, seed
         val = split[k]
         train = [i for i in range(len(labelled.names)) if i not in set(val.tolist())]
         priors = _priors(recipe, runs, f"fold{k}.safetensors", all_images)
-        model, note, log = _fit(recipe, runs, labelled.subset(train), device, seed + k, out_dir / f"fold{k}.pt",
-                                priors=None if priors is None else priors[train])
+        model, note, log = _fit(
+            recipe,
+            runs,
+            labelled.subset(train),
+            device,
+            seed + k,
+            out_dir / f"fold{k}.pt",
+            priors=None if priors is None else priors[train],
+        )
         val_set = labelled.subset(val)
         probs = predict(model, all_images[val], task, None if priors is None else priors[val])
         per_image = score(probs, val_set.native_targets, val_set.names, task)
@@ -183,8 +212,15 @@ def run_segment(recipe: dict, data: Path, runs: Path, device: torch.device, seed
     return summary
 
 
-def run_recipe(path: str | Path, data: str | Path, runs: str | Path = "runs", device: str = "auto", seed: int = 0,
-               folds: list[int] | None = None, final: bool = False) -> dict:
+def run_recipe(
+    path: str | Path,
+    data: str | Path,
+    runs: str | Path = "runs",
+    device: str = "auto",
+    seed: int = 0,
+    folds: list[int] | None = None,
+    final: bool = False,
+) -> dict:
     """Run one recipe file; returns the summary it also writes next to its outputs."""
     recipe = load_recipe(path)
     dev = resolve_device(device)
@@ -195,8 +231,9 @@ def run_recipe(path: str | Path, data: str | Path, runs: str | Path = "runs", de
     if recipe["kind"] == "pretrain":
         result = run_pretrain(recipe, Path(data), Path(runs), dev, seed)
     elif recipe["kind"] == "segment":
-        result = run_segment(recipe, Path(data), Path(runs), dev, seed, list(range(5)) if folds is None else folds,
-                             final)
+        result = run_segment(
+            recipe, Path(data), Path(runs), dev, seed, list(range(5)) if folds is None else folds, final
+        )
     else:
         raise ValueError(f"{path}: unknown recipe kind {recipe['kind']!r}")
     print(f"{recipe['name']}: done in {time.perf_counter() - t0:.0f}s on {dev}", flush=True)

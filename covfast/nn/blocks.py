@@ -19,8 +19,9 @@ class ConvBNReLU(nn.Sequential):
         relu: append a ReLU.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1,
-                 relu: bool = True):
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1, relu: bool = True
+    ):
         padding = dilation * (kernel_size - 1) // 2
         layers: list[nn.Module] = [
             nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation=dilation, bias=False),

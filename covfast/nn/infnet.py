@@ -83,6 +83,7 @@ class PartialDecoder(nn.Module):
 
     def forward(self, x2: torch.Tensor, x3: torch.Tensor, x4: torch.Tensor) -> torch.Tensor:
         """x2 [B, C, H/8, W/8], x3 [B, C, H/16, W/16], x4 [B, C, H/32, W/32] -> S_g logits [B, 1, H/8, W/8]."""
+
         def up(x, ref):
             return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 

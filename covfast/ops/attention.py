@@ -14,6 +14,11 @@ _backend.register("reverse_attention_backward", "reference", ("cpu", "cuda"))(re
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _cuda_sizes(x: torch.Tensor, side: torch.Tensor) -> tuple[int, ...]:
+    """The trailing arguments of the CUDA bindings: dtype code, B, C, H, W, h, w, stream handle."""
+    return (_backend.float_type(x.dtype), *x.shape, *side.shape[2:], _backend.stream_handle(x.device))
+
+
 @_backend.register("reverse_attention", "cuda", ("cuda",))
 def _reverse_attention_cuda(x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
     if x.dtype not in _CUDA_DTYPES:  # float64: the reference is exact and rarely used on the GPU
@@ -26,14 +31,7 @@ def _reverse_attention_cuda(x: torch.Tensor, side: torch.Tensor) -> torch.Tensor
             x.data_ptr(),
             side.data_ptr(),
             out.data_ptr(),
-            _backend.float_type(x.dtype),
-            *x.shape[:1],
-            x.shape[1],
-            x.shape[2],
-            x.shape[3],
-            side.shape[2],
-            side.shape[3],
-            _backend.stream_handle(x.device),
+            *_cuda_sizes(x, side),
         )
     return out
 
@@ -53,14 +51,7 @@ def _reverse_attention_backward_cuda(grad: torch.Tensor, x: torch.Tensor, side: 
             side.data_ptr(),
             grad_x.data_ptr(),
             grad_side.data_ptr(),
-            _backend.float_type(x.dtype),
-            x.shape[0],
-            x.shape[1],
-            x.shape[2],
-            x.shape[3],
-            side.shape[2],
-            side.shape[3],
-            _backend.stream_handle(x.device),
+            *_cuda_sizes(x, side),
         )
     return grad_x, grad_side.to(side.dtype)
 

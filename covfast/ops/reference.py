@@ -142,3 +142,128 @@ def infection_ratio(
     infected_voxels = (in_lung.unsqueeze(2) & is_class).sum(dim=(3, 4))
     soft_sum = torch.where(in_lung, soft.unsqueeze(1), 0.0).sum(dim=(2, 3))
     return lung_voxels, infected_voxels, soft_sum
+
+
+def affinity(features: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """Affinity head of Ter-Sarkisov's one-shot model: ``z = (W^T X)^T v``, computed as ``X^T (W v)``.
+
+    Args:
+        features: X, [beta, C] or [N, beta, C] float (N images of beta RoI feature vectors).
+        weight: W, [beta, C*] float affinity matrix.
+        vector: v, [C*] float affinity vector.
+
+    Returns:
+        z, [C] or [N, C].
+    """
+    return (features.transpose(-1, -2) @ (weight @ vector).unsqueeze(-1)).squeeze(-1)
+
+
+def affinity_backward(
+    grad: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`affinity`: ``dX = (W v) g^T``, ``dW = (X g) v^T``, ``dv = W^T (X g)``, summed over N.
+
+    Args:
+        grad: [C] or [N, C] gradient of z.
+        features, weight, vector: the forward inputs.
+
+    Returns:
+        (grad_features, grad_weight, grad_vector), shapes of the inputs.
+    """
+    weighted = weight @ vector  # [beta]
+    grad_features = weighted.unsqueeze(-1) * grad.unsqueeze(-2)
+    projected = (features @ grad.unsqueeze(-1)).squeeze(-1).reshape(-1, features.shape[-2]).sum(dim=0)  # [beta]
+    return grad_features, torch.outer(projected, vector), weight.transpose(0, 1) @ projected
+
+
+def _bilinear_samples(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's RoIAlign bilinear sample of ``image`` [C, H, W] at points (y, x) [P]; 0 outside [-1, H] x [-1, W].
+
+    Returns:
+        [C, P].
+    """
+    height, width = image.shape[-2:]
+    outside = (y < -1.0) | (y > height) | (x < -1.0) | (x > width)
+    y = y.clamp(min=0)
+    x = x.clamp(min=0)
+    y_low = y.floor().long().clamp(max=height - 1)
+    x_low = x.floor().long().clamp(max=width - 1)
+    y = torch.where(y_low >= height - 1, y_low.to(y.dtype), y)
+    x = torch.where(x_low >= width - 1, x_low.to(x.dtype), x)
+    y_high = (y_low + 1).clamp(max=height - 1)
+    x_high = (x_low + 1).clamp(max=width - 1)
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1 - ly, 1 - lx
+    flat = image.reshape(image.shape[0], -1)
+    value = (
+        hy * hx * flat[:, y_low * width + x_low]
+        + hy * lx * flat[:, y_low * width + x_high]
+        + ly * hx * flat[:, y_high * width + x_low]
+        + ly * lx * flat[:, y_high * width + x_high]
+    )
+    return torch.where(outside, torch.zeros((), dtype=value.dtype), value)
+
+
+def roi_align(
+    features: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    """RoIAlign (He et al., Mask R-CNN, ICCV 2017) with torchvision's semantics.
+
+    Each bin averages a grid of bilinear samples; the grid is ``sampling_ratio`` per side, or
+    ``ceil(roi_size / output_size)`` per RoI when ``sampling_ratio <= 0`` (adaptive). ``aligned=True`` shifts the
+    box by -0.5 pixel (half-pixel centers); ``aligned=False`` clamps RoI sizes to at least 1.
+
+    Args:
+        features: [B, C, H, W] float.
+        rois: [K, 5] float (batch index, x1, y1, x2, y2) in input-image coordinates.
+        output_size: (PH, PW).
+        spatial_scale: feature-map pixels per input pixel.
+        sampling_ratio: samples per bin side; <= 0 for adaptive.
+        aligned: half-pixel alignment.
+
+    Returns:
+        [K, C, PH, PW], dtype of ``features``.
+    """
+    pooled_h, pooled_w = output_size
+    out = features.new_zeros((rois.shape[0], features.shape[1], pooled_h, pooled_w))
+    offset = 0.5 if aligned else 0.0
+    for k, roi in enumerate(rois.tolist()):
+        x1, y1, x2, y2 = (coord * spatial_scale - offset for coord in roi[1:])
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / pooled_h, roi_w / pooled_w
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
+        count = max(grid_h * grid_w, 1)
+        ph = torch.arange(pooled_h, dtype=features.dtype).view(-1, 1, 1, 1)
+        pw = torch.arange(pooled_w, dtype=features.dtype).view(1, -1, 1, 1)
+        iy = torch.arange(grid_h, dtype=features.dtype).view(1, 1, -1, 1)
+        ix = torch.arange(grid_w, dtype=features.dtype).view(1, 1, 1, -1)
+        y = (y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h).expand(pooled_h, pooled_w, grid_h, grid_w)
+        x = (x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w).expand(pooled_h, pooled_w, grid_h, grid_w)
+        samples = _bilinear_samples(features[int(roi[0])], y.reshape(-1), x.reshape(-1))
+        out[k] = samples.reshape(-1, pooled_h, pooled_w, grid_h * grid_w).sum(dim=-1) / count
+    return out
+
+
+def roi_align_backward(
+    grad: torch.Tensor,
+    rois: torch.Tensor,
+    features_shape: list[int],
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    """Gradient of :func:`roi_align` for ``features`` ([B, C, H, W]): the adjoint of the (linear) forward."""
+    zeros = grad.new_zeros(features_shape)
+    _, vjp = torch.func.vjp(
+        lambda feats: roi_align(feats, rois, output_size, spatial_scale, sampling_ratio, aligned), zeros
+    )
+    return vjp(grad)[0]

@@ -74,8 +74,15 @@ def installed_models(weights_dir: str | Path = WEIGHTS_DIR) -> list[dict]:
         if not weights.exists():
             continue
         card = json.loads(card_path.read_text())
-        found.append({"name": card_path.stem, "file": str(weights), "sha256": card["sha256"],
-                      "params": card["params"], "task": card["task"]})
+        found.append(
+            {
+                "name": card_path.stem,
+                "file": str(weights),
+                "sha256": card["sha256"],
+                "params": card["params"],
+                "task": card["task"],
+            }
+        )
     return found
 
 
@@ -92,7 +99,9 @@ def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str |
 
     cards = {card["name"]: card for card in installed_models(weights_dir)}
     if SINGLE_CLASS not in cards:
-        raise ModelNotInstalledError(f"no infection model installed in {weights_dir} (expected {SINGLE_CLASS}.safetensors)")
+        raise ModelNotInstalledError(
+            f"no infection model installed in {weights_dir} (expected {SINGLE_CLASS}.safetensors)"
+        )
     names = [SINGLE_CLASS] + ([MULTI_CLASS] if multiclass and MULTI_CLASS in cards else [])
     models = {}
     for name in names:
@@ -104,6 +113,22 @@ def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str |
 
 
 @torch.no_grad()
+def _forward(models: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Standardised inputs [N, 1, S, S] -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None), float32."""
+    from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
+
+    prob = torch.sigmoid(models[SINGLE_CLASS].model(x).prediction.float())
+    if MULTI_CLASS not in models:
+        return prob, None
+    # The multi-class network takes the single-class probability as its prior channel, standardised like a slice.
+    prior = (prob - PIXEL_MEAN) / PIXEL_STD
+    return prob, torch.softmax(models[MULTI_CLASS].model(torch.cat([x, prior], dim=1)).float(), dim=1)
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).cpu().numpy().astype(np.float32)
+
+
 def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_size: int = 8):
     """Run the models on 8-bit slices that already look like the training slices.
 
@@ -116,24 +141,17 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
     Returns:
         (prob [N, H, W] float32, class_prob [N, 3, H, W] float32 or None without a multi-class model).
     """
-    from covfast.nn.preprocess import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD, to_input
+    from covfast.nn.preprocess import to_input
 
-    single = models[SINGLE_CLASS].model
-    multi = models[MULTI_CLASS].model if MULTI_CLASS in models else None
-    n, h, w = slices.shape
+    size = slices.shape[1:]
     probs, class_probs = [], []
-    for start in range(0, n, batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size]))[:, None].to(device)
-        x = to_input(batch, INPUT_SIZE)
-        prob = torch.sigmoid(single(x).prediction.float())
-        probs.append(F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[:, 0].cpu())
-        if multi is not None:
-            prior = (prob - PIXEL_MEAN) / PIXEL_STD
-            logits = multi(torch.cat([x, prior], dim=1)).float()
-            class_prob = torch.softmax(F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False), 1)
-            class_probs.append(class_prob.cpu())
-    prob = torch.cat(probs).numpy().astype(np.float32)
-    return prob, (torch.cat(class_probs).numpy().astype(np.float32) if multi is not None else None)
+    for start in range(0, len(slices), batch_size):
+        batch = torch.from_numpy(np.array(slices[start : start + batch_size], dtype=np.uint8))[:, None].to(device)
+        prob, class_prob = _forward(models, to_input(batch))
+        probs.append(_resize(prob, size)[:, 0])
+        if class_prob is not None:
+            class_probs.append(_resize(class_prob, size))
+    return np.concatenate(probs), (np.concatenate(class_probs) if class_probs else None)
 
 
 def window_hu(hu: np.ndarray) -> np.ndarray:
@@ -150,15 +168,22 @@ def lung_crop(lung_slice: np.ndarray) -> tuple[slice, slice] | None:
         return None
 
     def widen(lo, hi, limit):
-        margin = int(round(CROP_MARGIN * (hi - lo + 1)))
+        margin = round(CROP_MARGIN * (hi - lo + 1))
         return slice(max(0, lo - margin), min(limit, hi + 1 + margin))
 
     return widen(rows[0], rows[-1], lung_slice.shape[0]), widen(cols[0], cols[-1], lung_slice.shape[1])
 
 
-def segment_infection(hu: np.ndarray, lung: np.ndarray, spacing_mm, device: str = "cpu", batch_size: int = 8,
-                      multiclass: bool = True, progress: Callable[[int, int], None] | None = None,
-                      weights_dir: str | Path = WEIGHTS_DIR) -> InfectionResult:
+def segment_infection(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    spacing_mm,
+    device: str = "cpu",
+    batch_size: int = 8,
+    multiclass: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    weights_dir: str | Path = WEIGHTS_DIR,
+) -> InfectionResult:
     """Infection probability (and GGO / consolidation labels) of a CT volume.
 
     Args:
@@ -180,6 +205,8 @@ def segment_infection(hu: np.ndarray, lung: np.ndarray, spacing_mm, device: str 
         ModelNotInstalledError: no infection weights installed.
         ValueError: ``hu`` and ``lung`` differ in shape or are not 3D.
     """
+    from covfast.nn.preprocess import to_input
+
     del spacing_mm
     if hu.ndim != 3 or hu.shape != lung.shape:
         raise ValueError(f"hu and lung must be [D, H, W] of one shape; got {hu.shape} and {lung.shape}")
@@ -192,14 +219,15 @@ def segment_infection(hu: np.ndarray, lung: np.ndarray, spacing_mm, device: str 
     work = [(z, crop) for z in range(hu.shape[0]) if (crop := lung_crop(lung[z] > 0)) is not None]
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
-        # Each crop has its own size: run them one by one through predict_slices' resize, batched by size-free
-        # resampling to the network input first.
-        for z, (rows, cols) in chunk:
-            view = window_hu(hu[z, rows, cols]).T
-            slice_prob, class_prob = predict_slices(models, view[None], device)
-            prob[z, rows, cols] = slice_prob[0].T
+        # Crops differ in size: each is resized to the network input on its own, then they run as one batch.
+        views = [torch.from_numpy(window_hu(hu[z, rows, cols]).T.copy())[None, None] for z, (rows, cols) in chunk]
+        x = torch.cat([to_input(view.to(device)) for view in views])
+        batch_prob, batch_classes = _forward(models, x)
+        for i, (z, (rows, cols)) in enumerate(chunk):
+            size = views[i].shape[-2:]
+            prob[z, rows, cols] = _resize(batch_prob[i : i + 1], size)[0, 0].T
             if classes is not None:
-                classes[z, rows, cols] = class_prob[0].argmax(axis=0).T.astype(np.uint8)
+                classes[z, rows, cols] = _resize(batch_classes[i : i + 1], size)[0].argmax(axis=0).T
         if progress is not None:
             progress(min(start + batch_size, len(work)), len(work))
     timings["infer"] = time.perf_counter() - t0

@@ -378,9 +378,44 @@ def _recover_dense_lung(
         near = ndi.maximum_filter(grown.view(np.uint8), mode="constant", cval=0, size=(
             1, 2 * round(pocket_depth_mm / spacing[1]) + 1, 2 * round(pocket_depth_mm / spacing[2]) + 1)).view(bool)
         grown |= _wall_pockets(grown, allowed, near, lateral_sign=-1 if label == RIGHT_LUNG else 1)
+        grown &= ~_domes(grown & ~lung_box, grown, labels[box] == 0)
         result_box = result[box]
         result_box[grown & (result_box == 0)] = label
     return result
+
+
+def _domes(added: np.ndarray, grown: np.ndarray, outside: np.ndarray, max_support: float = 0.6) -> np.ndarray:
+    """Added regions that are cross-sections of the diaphragm or heart domes, not dense lung.
+
+    Where the liver or heart dome bulges up into the lung, its cross-section in the slices above the dome's
+    base is an island of soft tissue surrounded by lung, which hole filling would take as consolidation. Such an
+    island rests on non-lung tissue: the slice below it holds the rest of the dome. Dense lung inside the lung
+    mostly rests on lung. So a 3D component of the added voxels is rejected when more than ``max_support`` of
+    its lower surface (voxels whose inferior neighbour is not in the component) sits on voxels that stay outside
+    the lung.
+
+    Args:
+        added: [D, H, W] bool voxels added to one lung by closing, hole filling and pockets.
+        grown: [D, H, W] bool that lung after the additions.
+        outside: [D, H, W] bool voxels not labelled as aerated lung (either lung) before the additions.
+
+    Returns:
+        [D, H, W] bool voxels to remove again.
+    """
+    components = cc3d.connected_components(added, connectivity=6)
+    count = int(components.max())
+    if count == 0 or added.shape[0] < 2:
+        return np.zeros_like(added)
+    upper = components[1:]
+    lower_surface = (upper != 0) & (components[:-1] != upper)
+    on_tissue = lower_surface & outside[:-1] & ~grown[:-1]
+    surface = np.bincount(upper[lower_surface], minlength=count + 1)
+    supported = np.bincount(upper[on_tissue], minlength=count + 1)
+    dome_ids = np.flatnonzero((surface > 0) & (supported > max_support * surface))
+    dome_ids = dome_ids[dome_ids != 0]
+    if dome_ids.size == 0:
+        return np.zeros_like(added)
+    return np.isin(components, dome_ids)
 
 
 def _convex_hull_per_slice(mask: np.ndarray) -> np.ndarray:

@@ -203,6 +203,12 @@ def analyze(
                 seg = segment_infection(volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size,
                                         progress=progress)
                 prob, classes, models = seg.prob, seg.classes, list(seg.models)
+                # The networks see lung crops; what they mark outside the lung mask (bowel, chest wall) is not
+                # lung infection, so the written mask keeps only in-lung findings like the reduction does.
+                outside = lung == 0
+                prob[outside] = 0.0
+                if classes is not None:
+                    classes[outside] = 0
                 infection_source = {"kind": "model", "models": [m["name"] for m in models]}
             except (ModelNotInstalledError, ImportError) as exc:
                 notes.append(f"no infection model is installed ({exc}); pass --infection-mask to quantify infection")

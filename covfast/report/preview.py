@@ -1,7 +1,8 @@
 """preview.png: a montage of representative axial slices and the per-slice infection ratio along the body axis.
 
 Drawn with matplotlib's Agg backend (no display server needed). Slices are shown in radiological convention
-(patient right on the image's left, anterior at the top), which is the canonical orientation of covfast volumes.
+(patient right on the image's left, anterior at the top), which is the canonical orientation of covfast volumes,
+cropped to the lungs' in-plane extent over the whole volume (plus a margin) so all panels share one scale.
 """
 
 from __future__ import annotations
@@ -103,8 +104,10 @@ def render_preview(
     from matplotlib.patches import Patch
 
     infected_area = None
-    if infection_mask is not None and slice_ratio is not None:
-        infected_area = np.nan_to_num(slice_ratio, nan=0.0)
+    if infection_mask is not None:
+        # Pick the slice with the most infected voxels, not the highest ratio: tiny apical lung areas make
+        # noisy ratios.
+        infected_area = np.count_nonzero(infection_mask.reshape(infection_mask.shape[0], -1), axis=1)
     picks = representative_slices(lung_mask, infected_area)
     rows, columns = lung_crop(lung_mask)
     ncols = 3
@@ -116,7 +119,7 @@ def render_preview(
     FigureCanvasAgg(fig)
     # Fixed margins instead of tight_layout, which draws the whole figure once more to measure it.
     grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[panel_height] * nrows + [2.2], left=0.065, right=0.99,
-                            bottom=0.55 / fig.get_figheight(), top=1.0 - 0.75 / fig.get_figheight(), hspace=0.25,
+                            bottom=0.55 / fig.get_figheight(), top=1.0 - 0.9 / fig.get_figheight(), hspace=0.25,
                             wspace=0.04)
     for n, index in enumerate(picks):
         ax = fig.add_subplot(grid[n // ncols, n % ncols])
@@ -130,10 +133,11 @@ def render_preview(
         ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="w", fontsize=9, va="center")
         ax.text(0.95, 0.5, "L", transform=ax.transAxes, color="w", fontsize=9, va="center")
     ax = fig.add_subplot(grid[nrows, :])
+    for index in picks:
+        ax.axvline(z_mm[index], color="0.7", lw=0.6, ls=":")
+    ax.set_xlim(float(np.min(z_mm)), float(np.max(z_mm)))
     if slice_ratio is not None:
         ax.plot(z_mm, 100.0 * slice_ratio, color="#d62728", lw=1.2)
-        for index in picks:
-            ax.axvline(z_mm[index], color="0.7", lw=0.6, ls=":")
         ax.set_ylabel("infected / lung area (%)")
         ax.set_ylim(bottom=0)
     else:

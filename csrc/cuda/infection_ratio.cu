@@ -14,7 +14,9 @@ namespace covfast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 32768;  // voxels per block: 128 per thread, 8 vector steps
+// Voxels per block: 8 vector steps per thread. On an H100, 8192 (4.5 waves at 512 x 512 x 150) measured no faster
+// for float32 and slower for uint8 than this.
+constexpr int64_t kChunk = 32768;
 
 struct Counts {
   uint32_t lung_r = 0, lung_l = 0, c1_r = 0, c1_l = 0, c2_r = 0, c2_l = 0, max_class = 0;

@@ -1,0 +1,102 @@
+"""Slice metrics against hand-computed values and a naive oracle, and evaluate_slices on a synthetic folder."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covfast.evaluate import binary_metrics, evaluate_slices, multiclass_metrics, summarize
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "covfast" / "weights" / "infnet.safetensors"
+
+
+def test_binary_metrics_hand_computed():
+    truth = np.array([[1, 1, 0, 0]], bool)
+    prob = np.array([[0.9, 0.2, 0.7, 0.1]])
+    m = binary_metrics(prob, truth)
+    # P = {0, 2}, G = {0, 1}: TP 1, FP 1, FN 1, TN 1.
+    assert m["dice"] == pytest.approx(0.5)
+    assert m["iou"] == pytest.approx(1 / 3)
+    assert m["sensitivity"] == pytest.approx(0.5)
+    assert m["specificity"] == pytest.approx(0.5)
+    assert m["mae"] == pytest.approx((0.1 + 0.8 + 0.7 + 0.1) / 4)
+    assert m["present"]
+
+
+def test_dice_mean256_matches_naive_loop():
+    rng = np.random.default_rng(3)
+    prob = rng.random((13, 7))
+    truth = rng.random((13, 7)) > 0.6
+    naive = []
+    for j in range(256):
+        pred = prob >= j / 255
+        tp, denom = (pred & truth).sum(), pred.sum() + truth.sum()
+        naive.append(2 * tp / denom if denom else 1.0)
+    assert binary_metrics(prob, truth)["dice_mean256"] == pytest.approx(np.mean(naive), abs=1e-12)
+
+
+def test_empty_truth_and_prediction_scores_one():
+    m = binary_metrics(np.zeros((4, 4)), np.zeros((4, 4), bool))
+    assert m["dice"] == 1.0 and m["iou"] == 1.0 and m["sensitivity"] is None and not m["present"]
+
+
+def test_summarize_interval_and_dice_present():
+    per_image = [binary_metrics(np.full((2, 2), p), np.array([[1, 0], [0, 0]], bool)) for p in (0.9, 0.2)]
+    per_image.append(binary_metrics(np.zeros((2, 2)), np.zeros((2, 2), bool)))
+    s = summarize(per_image)
+    dices = np.array([0.4, 0.0, 1.0])
+    assert s["dice"]["mean"] == pytest.approx(dices.mean())
+    half = 1.96 * dices.std(ddof=1) / np.sqrt(3)
+    assert s["dice"]["ci95"] == pytest.approx([dices.mean() - half, dices.mean() + half])
+    assert s["dice_present"]["mean"] == pytest.approx(0.2) and s["dice_present"]["n"] == 2
+    assert s["sensitivity"]["n"] == 2
+
+
+def test_multiclass_metrics_use_argmax_labels():
+    truth = np.array([[0, 1, 2, 2]])
+    class_prob = np.array([[[0.8, 0.1, 0.1, 0.2]], [[0.1, 0.6, 0.5, 0.2]], [[0.1, 0.3, 0.4, 0.6]]])
+    m = multiclass_metrics(class_prob, truth)
+    # Labels: 0, 1, 1, 2. GGO: P = {1, 2}, G = {1}; consolidation: P = {3}, G = {2, 3}.
+    assert m["ggo"]["dice"] == pytest.approx(2 / 3)
+    assert m["consolidation"]["dice"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="needs the shipped infnet weights")
+def test_evaluate_slices_known_dice(tmp_path):
+    from PIL import Image
+
+    from covfast.pipeline.infection import load_models, predict_slices
+
+    rng = np.random.default_rng(0)
+    images, masks = tmp_path / "Imgs", tmp_path / "GT"
+    images.mkdir()
+    masks.mkdir()
+    yy, xx = np.mgrid[:96, :80]
+    blob = (((yy - 40) ** 2 + (xx - 30) ** 2) < 300).astype(np.float64)
+    slices = np.stack([np.clip(60 + 150 * blob + rng.normal(0, 20, blob.shape), 0, 255) for _ in range(2)])
+    slices = slices.astype(np.uint8)
+    for name, image in zip("ab", slices):
+        Image.fromarray(image).save(images / f"{name}.jpg", quality=100)
+    # Predict on the stored (JPEG-decoded) slices, as evaluate_slices will. Image a's mask is the model's own
+    # thresholded prediction (Dice 1); image b's is empty (Dice 0 unless the model predicts nothing, then 1).
+    stored = np.stack([np.asarray(Image.open(images / f"{n}.jpg")) for n in "ab"])
+    prob, _ = predict_slices(load_models("cpu", multiclass=False), stored)
+    Image.fromarray((prob[0] >= 0.5).astype(np.uint8) * 255).save(masks / "a.png")
+    Image.fromarray(np.zeros(prob[1].shape, np.uint8)).save(masks / "b.png")
+    expected_b = 1.0 if not (prob[1] >= 0.5).any() else 0.0
+    out = tmp_path / "result.json"
+    result = evaluate_slices(images, masks, task="infection", json_path=out)
+    assert [e["image"] for e in result["per_image"]] == ["a.jpg", "b.jpg"]
+    assert result["per_image"][0]["dice"] == pytest.approx(1.0)
+    assert result["per_image"][1]["dice"] == pytest.approx(expected_b)
+    assert result["dice"]["mean"] == pytest.approx((1.0 + expected_b) / 2)
+    for key in ("dice", "dice_present", "dice_mean256", "iou", "sensitivity", "specificity", "mae"):
+        assert key in result
+    assert out.exists()
+
+
+def test_evaluate_slices_rejects_missing_folder(tmp_path):
+    from covfast.errors import InputError
+
+    with pytest.raises(InputError, match="not a folder"):
+        evaluate_slices(tmp_path / "nope", tmp_path)

@@ -1,0 +1,158 @@
+"""Training layer: losses, augmentation, folds, weight transfer, loops (tiny, CPU), checkpoint resume, recipes."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covfast.nn import build_model, save_model
+from training.augment import AugmentConfig, augment
+from training.data import cv_folds
+from training.loops import OptimConfig, predict, train_inpainting, train_segmentation
+from training.losses import edge_target, multiclass_loss, structure_loss
+from training.recipes import init_from, load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "recipes").glob("*.json"))
+TINY_INFNET = {"in_ch": 1, "widths": [8, 8, 16, 16], "ch": 8, "ra_ch": 8}
+TINY_RESUNET = {"in_ch": 1, "out_ch": 1, "widths": [8, 8, 16, 16], "blocks": 1}
+
+
+def _square(size=32):
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., 8:20, 10:24] = 1
+    return mask
+
+
+def test_structure_loss_prefers_the_truth():
+    target = _square()
+    valid = torch.ones_like(target)
+    good = structure_loss((target * 2 - 1) * 8, target, valid)
+    bad = structure_loss((1 - target * 2) * 8, target, valid)
+    assert good < 0.05
+    assert bad > 1.0
+
+
+def test_structure_loss_ignores_invalid_pixels():
+    target = _square()
+    logits = (target * 2 - 1) * 8
+    logits[..., :4, :] = 8.0  # wrong where valid = 0
+    valid = torch.ones_like(target)
+    valid[..., :4, :] = 0
+    assert structure_loss(logits, target, valid) == pytest.approx(
+        float(structure_loss((target * 2 - 1) * 8, target, torch.ones_like(target))), abs=1e-3
+    )
+
+
+def test_edge_target_is_the_boundary_band():
+    edge = edge_target(_square(), width=1)
+    assert edge[0, 0, 14, 16] == 0 and edge[0, 0, 8, 16] == 1 and edge[0, 0, 7, 16] == 1 and edge[0, 0, 0, 0] == 0
+
+
+def test_multiclass_loss_prefers_the_truth():
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[:, 2:6, 2:6] = 1
+    labels[:, 9:12, 9:12] = 2
+    onehot = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    valid = torch.ones(1, 1, 16, 16)
+    assert multiclass_loss(onehot * 10, onehot, valid) < multiclass_loss(onehot.flip(1) * 10, onehot, valid)
+
+
+def test_augment_shapes_cutout_and_onehot():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 2, 32, 32)
+    y = torch.nn.functional.one_hot(torch.randint(3, (6, 32, 32)), 3).permute(0, 3, 1, 2).float()
+    cfg = AugmentConfig(cutout_p=1.0, cutout_fractions=(0.2,))
+    xa, ya, valid = augment(x, y, cfg, gen)
+    assert xa.shape == x.shape and ya.shape == y.shape and valid.shape == (6, 1, 32, 32)
+    torch.testing.assert_close(ya.sum(dim=1), torch.ones(6, 32, 32))
+    erased = 1 - valid.mean(dim=(1, 2, 3))
+    assert ((erased > 0.1) & (erased < 0.3)).all()
+    assert (xa * (1 - valid)).abs().sum() == 0
+
+
+def test_cv_folds_partition():
+    folds = cv_folds(50, 5, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(50))
+    assert [len(f) for f in folds] == [10] * 5
+    assert not np.array_equal(folds[0], cv_folds(50, 5, seed=1)[0])
+
+
+def test_init_from_copies_backbone_and_widens_first_conv(tmp_path):
+    source = build_model("resunet", **TINY_RESUNET)
+    path = tmp_path / "pre.safetensors"
+    save_model(source, path, "resunet", TINY_RESUNET)
+    infnet = build_model("infnet", **TINY_INFNET)
+    copied = init_from(infnet, path, "backbone.")
+    assert copied == len([k for k in source.state_dict() if k.startswith("backbone.")])
+    torch.testing.assert_close(infnet.backbone.stem[0][0].weight, source.backbone.stem[0][0].weight)
+    two_channel = build_model("resunet", **{**TINY_RESUNET, "in_ch": 2, "out_ch": 3})
+    init_from(two_channel, path, "")
+    stem = two_channel.backbone.stem[0][0].weight
+    torch.testing.assert_close(stem[:, :1], source.backbone.stem[0][0].weight)
+    assert stem[:, 1:].abs().sum() == 0
+
+
+def test_train_segmentation_overfits_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    images = (_square().repeat(2, 1, 1, 1) * 200 + 20).to(torch.uint8)
+    targets = _square().repeat(2, 1, 1, 1).to(torch.uint8)
+    model = build_model("infnet", **TINY_INFNET)
+    opt = OptimConfig(steps=30, batch=2, lr=1e-2, warmup=2, ckpt_every=10)
+    log = train_segmentation(
+        model,
+        images,
+        targets,
+        "infection",
+        opt,
+        None,
+        torch.device("cpu"),
+        0,
+        ckpt_path=tmp_path / "ckpt.pt",
+        log_every=5,
+    )
+    losses = [v for v in log.losses if not np.isnan(v)]
+    assert losses[-1] < 0.9 * losses[0]
+    prob = predict(model, images, "infection")
+    assert prob.shape == (2, 1, 32, 32) and prob[0, 0, 14, 16] > prob[0, 0, 28, 2]
+    # A rerun finds the final checkpoint and does no further steps: weights stay identical.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    again = train_segmentation(
+        model, images, targets, "infection", opt, None, torch.device("cpu"), 0, ckpt_path=tmp_path / "ckpt.pt"
+    )
+    assert again.losses == []
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+def test_train_inpainting_with_coach_updates_both():
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (4, 1, 32, 32), dtype=torch.uint8)
+    net = build_model("resunet", **TINY_RESUNET)
+    coach = build_model("resunet", **TINY_RESUNET)
+    coach_before = [p.clone() for p in coach.parameters()]
+    net_before = [p.clone() for p in net.parameters()]
+    train_inpainting(
+        net,
+        images,
+        OptimConfig(steps=2, batch=2, warmup=1),
+        torch.device("cpu"),
+        0,
+        coach=coach,
+        steps_coach=2,
+        steps_alt=2,
+        log_every=1,
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(coach_before, coach.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(net_before, net.parameters()))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipes_build(path):
+    recipe = load_recipe(path)
+    assert recipe["kind"] in ("pretrain", "segment")
+    build_model(recipe["model"]["arch"], **recipe["model"].get("config", {}))
+    if recipe.get("init"):
+        assert (path.parent / f"{recipe['init']['run']}.json").exists()
+    json.dumps(recipe)
