@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from covfast.errors import InputError
-from covfast.pipeline.severity import SeverityRules
+from covfast.pipeline.severity import DEFAULT_RULES, SeverityRules
 
 
 def load(path_or_array, spacing=None, series: str | None = None):
@@ -30,7 +30,7 @@ def infer(
     device: str = "auto",
     batch_size: int = 8,
     preview: bool = True,
-    rules: SeverityRules = SeverityRules(),
+    rules: SeverityRules = DEFAULT_RULES,
     progress=None,
 ):
     """Quantify COVID-19 infection in one chest CT volume.
@@ -52,8 +52,9 @@ def infer(
     Returns:
         :class:`covfast.pipeline.run.Result`; ``result.report`` is what report.json holds.
     """
-    from covfast.pipeline.run import analyze
+    from covfast.pipeline.run import analyze, warm_up_ops
 
+    warm_up = warm_up_ops()
     timings: dict = {}
     start = time.perf_counter()
     volume = load(path_or_array, spacing, series)
@@ -63,15 +64,25 @@ def infer(
     if infection_mask is not None:
         if isinstance(infection_mask, np.ndarray):
             if infection_mask.shape != volume.hu.shape:
-                raise InputError("infection_mask", f"shape {infection_mask.shape} differs from the volume's "
-                                 f"{volume.hu.shape}")
+                raise InputError(
+                    "infection_mask", f"shape {infection_mask.shape} differs from the volume's {volume.hu.shape}"
+                )
             mask, mask_source = infection_mask.astype(np.uint8), "array"
         else:
             from covfast.io import load_mask_like
 
             mask, mask_source = load_mask_like(str(infection_mask), volume), str(infection_mask)
-    result = analyze(volume, infection_mask=mask, infection_mask_source=mask_source, device=device,
-                     batch_size=batch_size, rules=rules, timings=timings, progress=progress)
+    warm_up.join()
+    result = analyze(
+        volume,
+        infection_mask=mask,
+        infection_mask_source=mask_source,
+        device=device,
+        batch_size=batch_size,
+        rules=rules,
+        timings=timings,
+        progress=progress,
+    )
     if out_dir is not None:
         result.save(Path(out_dir), preview=preview)
     return result

@@ -38,18 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     infer = sub.add_parser(
-        "infer", help="lung and infection masks, percent infected, severity for CT volumes",
+        "infer",
+        help="lung and infection masks, percent infected, severity for CT volumes",
         description="Quantify COVID-19 infection in chest CT volumes (NIfTI files or DICOM series folders).",
-        epilog=INFER_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=INFER_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    infer.add_argument("inputs", nargs="+", metavar="INPUT",
-                       help="a .nii/.nii.gz file, a DICOM series folder, or a folder of such inputs")
-    infer.add_argument("-o", "--out", default="covfast_out", metavar="OUT",
-                       help="output folder; one subfolder per input (default: covfast_out)")
+    infer.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="a .nii/.nii.gz file, a DICOM series folder, or a folder of such inputs",
+    )
+    infer.add_argument(
+        "-o",
+        "--out",
+        default="covfast_out",
+        metavar="OUT",
+        help="output folder; one subfolder per input (default: covfast_out)",
+    )
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     infer.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
-    infer.add_argument("--infection-mask", metavar="PATH",
-                       help="NIfTI infection mask (0/1 or 0/1/2) on the input's grid, used instead of the network")
+    infer.add_argument(
+        "--infection-mask",
+        metavar="PATH",
+        help="NIfTI infection mask (0/1 or 0/1/2) on the input's grid, used instead of the network",
+    )
     infer.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use from a DICOM folder with several")
     infer.add_argument("--no-preview", action="store_true", help="do not draw preview.png")
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -60,18 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     engine = sub.add_parser(
-        "build-engine", help="export the shipped models to ONNX and build TensorRT engines (when tensorrt is installed)",
+        "build-engine",
+        help="export the shipped models to ONNX and build TensorRT engines (when tensorrt is installed)",
         epilog="example:\n  covfast build-engine --precision fp16 --max-batch 32",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     engine.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
     engine.add_argument("--max-batch", type=_positive_int, default=32, metavar="N", help="largest batch of the profile")
-    engine.add_argument("--out", metavar="DIR", help="engine cache folder (default: $COVFAST_ENGINE_DIR or "
-                        "~/.cache/covfast/engines)")
+    engine.add_argument(
+        "--out", metavar="DIR", help="engine cache folder (default: $COVFAST_ENGINE_DIR or ~/.cache/covfast/engines)"
+    )
     engine.set_defaults(func=cmd_build_engine)
 
     evaluate = sub.add_parser(
-        "evaluate-slices", help="score the shipped models on 2D slices (Inf-Net COVID-SemiSeg layout)",
+        "evaluate-slices",
+        help="score the shipped models on 2D slices (Inf-Net COVID-SemiSeg layout)",
         epilog="example:\n  covfast evaluate-slices --images Imgs/ --masks GT/ --task infection --json scores.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -87,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _output_name(path: str, taken: set[str]) -> str:
     name = Path(path.rstrip("/")).name
     for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
+        name = name.removesuffix(suffix)
     name = name or "volume"
     unique, n = name, 2
     while unique in taken:
@@ -103,8 +119,10 @@ def _summary_line(name: str, report: dict, out_dir: Path) -> str:
     if pct is None:
         return f"{name}: lung {lung:.0f} mL; infection not quantified (no model, no --infection-mask) -> {out_dir}"
     infected = report["infected_volume_ml"]["total"]
-    return (f"{name}: lung {lung:.0f} mL, infected {infected:.1f} mL ({pct:.1f} %), "
-            f"{report['severity']['ct_class']} -> {out_dir}")
+    return (
+        f"{name}: lung {lung:.0f} mL, infected {infected:.1f} mL ({pct:.1f} %), "
+        f"{report['severity']['ct_class']} -> {out_dir}"
+    )
 
 
 def cmd_infer(args) -> int:
@@ -128,8 +146,15 @@ def cmd_infer(args) -> int:
     for path in bar:
         name = _output_name(path, taken)
         try:
-            result = infer(path, out_dir=out_root / name, infection_mask=args.infection_mask, series=args.series,
-                           device=device, batch_size=args.batch_size, preview=not args.no_preview)
+            result = infer(
+                path,
+                out_dir=out_root / name,
+                infection_mask=args.infection_mask,
+                series=args.series,
+                device=device,
+                batch_size=args.batch_size,
+                preview=not args.no_preview,
+            )
         except CovfastError as exc:
             if len(inputs) == 1:
                 raise
@@ -170,8 +195,9 @@ def cmd_evaluate_slices(args) -> int:
     for flag, folder in (("--images", args.images), ("--masks", args.masks)):
         if not Path(folder).is_dir():
             raise UsageError(f"{flag} {folder}: not a folder")
-    scores = evaluate_slices(args.images, args.masks, task=args.task, json_path=args.json,
-                             device=resolve_device(args.device))
+    scores = evaluate_slices(
+        args.images, args.masks, task=args.task, json_path=args.json, device=resolve_device(args.device)
+    )
     summary = {k: v for k, v in scores.items() if k not in ("per_image",)}
     print(json.dumps(summary, indent=2))
     return EXIT_OK

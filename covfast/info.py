@@ -12,7 +12,7 @@ import covfast
 def _module_status(name: str) -> dict:
     try:
         module = importlib.import_module(name)
-    except Exception as exc:  # an extension that fails to load must show why, not crash `info`
+    except Exception as exc:  # noqa: BLE001 -- an extension that fails to load must show why, not crash `info`
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
     return {"available": True, "version": getattr(module, "__version__", None)}
 
@@ -32,13 +32,13 @@ def _cuda_extension() -> dict:
 def _devices() -> list[dict]:
     import torch
 
-    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads()}]
+    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
-            devices.append({"type": "cuda", "index": index, "name": props.name,
-                            "memory_gb": round(props.total_memory / 2**30, 1)})
+            devices.append(
+                {"type": "cuda", "index": index, "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)}
+            )
     return devices
 
 
@@ -57,26 +57,33 @@ def collect_info() -> dict:
     backends = {
         "cpp": _module_status("covfast._C"),
         "cuda": _cuda_extension(),
-        "triton": _module_status("triton") if importlib.util.find_spec("triton") else
-        {"available": False, "reason": "triton is not installed (pip install 'covfast[gpu]')"},
-        "onnxruntime": _module_status("onnxruntime") if importlib.util.find_spec("onnxruntime") else
-        {"available": False, "reason": "onnxruntime is not installed (pip install 'covfast[onnx]')"},
-        "tensorrt": _module_status("tensorrt") if importlib.util.find_spec("tensorrt") else
-        {"available": False, "reason": "tensorrt is not installed (pip install 'covfast[trt]' on a CUDA machine)"},
+        "triton": _module_status("triton")
+        if importlib.util.find_spec("triton")
+        else {"available": False, "reason": "triton is not installed (pip install 'covfast[gpu]')"},
+        "onnxruntime": _module_status("onnxruntime")
+        if importlib.util.find_spec("onnxruntime")
+        else {"available": False, "reason": "onnxruntime is not installed (pip install 'covfast[onnx]')"},
+        "tensorrt": _module_status("tensorrt")
+        if importlib.util.find_spec("tensorrt")
+        else {"available": False, "reason": "tensorrt is not installed (pip install 'covfast[trt]' on a CUDA machine)"},
     }
     try:
         from covfast import _backend
 
-        ops = _backend.available_backends()
+        ops = {
+            name: {"available": ok, "reason": reason} for name, (ok, reason) in _backend.available_backends().items()
+        }
+        selected = {device: _backend.selected_backends(device) for device in ("cpu", "cuda")}
     except (ImportError, AttributeError) as exc:
-        ops = {"error": str(exc)}
+        ops, selected = {"error": str(exc)}, {}
     return {
         "covfast": covfast.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "extensions": {"covfast._C": backends["cpp"], "covfast._cuda": backends["cuda"]},
         "backends": backends,
-        "ops": ops,
+        "op_backends": ops,
+        "op_selection": selected,
         "devices": _devices(),
         "models": _models(),
     }
@@ -100,8 +107,9 @@ def format_info(info: dict) -> str:
         lines.append("  none installed (infection needs --infection-mask until weights ship)")
     for model in info["models"]:
         lines.append("  " + ", ".join(f"{k} {v}" for k, v in model.items()))
-    if isinstance(info.get("ops"), dict) and info["ops"]:
-        lines.append("ops:")
-        for op, status in info["ops"].items():
-            lines.append(f"  {op:<16} {status}")
+    lines.append("op backends:")
+    for name, status in info["op_backends"].items():
+        lines.append(f"  {name:<12} {'yes' if status.get('available') else 'no '} ({status.get('reason', '')})")
+    for device, ops in info["op_selection"].items():
+        lines.append(f"ops on {device}: " + ", ".join(f"{op}={backend}" for op, backend in ops.items()))
     return "\n".join(lines)

@@ -4,9 +4,17 @@
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# `training/` runs from the source tree and is not installed; append (not prepend) the repository root so that
+# `import covfast` still finds the installed package with its compiled extensions.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.append(_REPO_ROOT)
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -35,8 +35,8 @@ def test_infer_array_with_mask_matches_phantom_truth(chest, tmp_path):
 
 
 def test_infer_array_without_model_reports_no_infection(chest, monkeypatch):
-    import covfast.pipeline.infection as infection
     from covfast.errors import ModelNotInstalledError
+    from covfast.pipeline import infection
 
     def no_model(*args, **kwargs):
         raise ModelNotInstalledError("no infection weights found")

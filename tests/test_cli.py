@@ -25,13 +25,13 @@ def known_mask(sample, tmp_path_factory):
     lung_slices = np.flatnonzero((per_slice == 1).any(1) & (per_slice == 2).any(1))
     mid = int(lung_slices[len(lung_slices) // 2])
     mask = np.zeros_like(lung)
-    mask[mid - 1:mid + 2][lung[mid - 1:mid + 2] == 1] = 1
+    mask[mid - 1 : mid + 2][lung[mid - 1 : mid + 2] == 1] = 1
     mask[mid + 3][lung[mid + 3] == 2] = 2
     mask[0, 0, 0] = 1  # outside the lung: must not count
     path = tmp_path_factory.mktemp("mask") / "infection.nii.gz"
     write_nifti_like(sample, mask, path)
     expected = {
-        "ggo": int((lung[mid - 1:mid + 2] == 1).sum()),
+        "ggo": int((lung[mid - 1 : mid + 2] == 1).sum()),
         "consolidation": int((lung[mid + 3] == 2).sum()),
         "lung": {"right": int((lung == 1).sum()), "left": int((lung == 2).sum())},
         "slices": (mid - 1, mid, mid + 1, mid + 3),
@@ -46,7 +46,8 @@ def test_infer_sample_with_mask(sample, known_mask, tmp_path, capsys):
     assert code == 0
     folder = out / "sample_ct"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["report.json", "lung_mask.nii.gz", "infection_mask.nii.gz", "preview.png"])
+        ["report.json", "lung_mask.nii.gz", "infection_mask.nii.gz", "preview.png"]
+    )
     report = json.loads((folder / "report.json").read_text())
     voxel_ml = float(np.prod(sample.spacing_mm)) / 1000
     assert report["schema_version"] == "1.0"
@@ -61,8 +62,16 @@ def test_infer_sample_with_mask(sample, known_mask, tmp_path, capsys):
     positive = [s["index"] for s in report["slices"] if s["covid_positive"]]
     assert positive == list(expected["slices"])
     assert report["zones"]["right_percent_infected"] > 0
-    assert set(report["timings_s"]) >= {"read", "lung_mask", "infection", "reduction", "severity", "write_masks",
-                                        "preview", "total"}
+    assert set(report["timings_s"]) >= {
+        "read",
+        "lung_mask",
+        "infection",
+        "reduction",
+        "severity",
+        "write_masks",
+        "preview",
+        "total",
+    }
     assert report["infection_source"] == {"kind": "mask", "path": str(mask_path)}
     # Masks come back in the input's exact grid.
     source = nib.load(str(sample_path()))
@@ -99,7 +108,7 @@ def test_output_is_a_file_exit_3(tmp_path, capsys):
 
 
 def test_unwritable_output_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import covfast.pipeline.run as run
+    from covfast.pipeline import run
 
     def broken_preview(self):
         raise OSError(28, "No space left on device")

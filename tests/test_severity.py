@@ -8,8 +8,18 @@ from covfast.pipeline.severity import SeverityRules, mosmed_class, summarize, zo
 
 @pytest.mark.parametrize(
     "percent, infected_ml, expected",
-    [(0.0, 0.0, "CT0"), (10.0, 0.2, "CT0"), (0.01, 0.6, "CT1"), (24.99, 50, "CT1"), (25.0, 50, "CT2"),
-     (49.9, 50, "CT2"), (50.0, 50, "CT3"), (74.99, 50, "CT3"), (75.0, 50, "CT4"), (100.0, 50, "CT4")],
+    [
+        (0.0, 0.0, "CT0"),
+        (10.0, 0.2, "CT0"),
+        (0.01, 0.6, "CT1"),
+        (24.99, 50, "CT1"),
+        (25.0, 50, "CT2"),
+        (49.9, 50, "CT2"),
+        (50.0, 50, "CT3"),
+        (74.99, 50, "CT3"),
+        (75.0, 50, "CT4"),
+        (100.0, 50, "CT4"),
+    ],
 )
 def test_mosmed_class_boundaries(percent, infected_ml, expected):
     assert mosmed_class(percent, infected_ml) == expected
@@ -33,15 +43,21 @@ def _counts():
     infected = np.zeros((6, 2, 2), np.int64)
     infected[0, 0, 0] = 40  # right lower: GGO
     infected[5, 0, 1] = 10  # right upper: consolidation
-    infected[2, 1, 0] = 5   # left: GGO
+    infected[2, 1, 0] = 5  # left: GGO
     return lung, infected
 
 
 def test_summarize_volumes_and_percentages():
     lung, infected = _counts()
     spacing = (2.0, 1.0, 0.5)  # 1 mm^3 voxels -> 0.001 mL; 0.5 mm^2 pixels
-    out = summarize(lung, infected, spacing, np.arange(6) * 2.0, multiclass=True,
-                    rules=SeverityRules(min_lesion_ml=0.01, min_lesion_area_mm2=3.0, min_slice_lung_mm2=0.0))
+    out = summarize(
+        lung,
+        infected,
+        spacing,
+        np.arange(6) * 2.0,
+        multiclass=True,
+        rules=SeverityRules(min_lesion_ml=0.01, min_lesion_area_mm2=3.0, min_slice_lung_mm2=0.0),
+    )
     assert out["lung_volume_ml"] == pytest.approx({"right": 0.6, "left": 0.2, "total": 0.8})
     assert out["infected_volume_ml"]["total"] == pytest.approx(0.055)
     assert out["infected_volume_ml"]["ggo"] == pytest.approx(0.045)

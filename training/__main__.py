@@ -5,6 +5,7 @@ Examples:
     python -m training run training/recipes/infnet_aug.json --data ../shared/data/infnet-semiseg --final
     python -m training run training/recipes/infnet_aug.json --folds 0 --device cpu
     python -m training check-volumes --data ../shared/data/covid-ct-md --out runs/check_volumes
+    python -m training check-volumes --weights runs/cpu/infnet_v2/weights --out runs/check_v2
     python -m training ship runs/infnet_erase --name infnet --task infection --train-command "..."
 """
 
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--data", default="../shared/data/covid-ct-md")
     check.add_argument("--out", default="runs/check_volumes")
     check.add_argument("--min-area-mm2", type=float, default=100.0)
+    check.add_argument(
+        "--weights", default=None, help="folder with infnet.safetensors + infnet.json (default: installed)"
+    )
+    check.add_argument("--areas", default="20,100,500", help="comma-separated flag areas in mm^2 also scored")
+    check.add_argument("--hu-gates", default="", help="comma-separated HU thresholds applied afterwards and scored")
     args = parser.parse_args(argv)
     if args.command == "carry":
         from training.carry import make_carry
@@ -51,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-volumes":
         from training.check_volumes import check_volumes
 
-        check_volumes(args.data, args.out, args.min_area_mm2)
+        areas = tuple(float(a) for a in args.areas.split(",") if a.strip())
+        gates = tuple(float(g) for g in args.hu_gates.split(",") if g.strip())
+        check_volumes(args.data, args.out, args.min_area_mm2, args.weights, areas, gates)
         return 0
     if args.command == "ship":
         from training.ship import ship

@@ -1,9 +1,10 @@
 """Check the HU -> training-distribution mapping of the infection stage on the COVID-CT-MD volumes.
 
-Runs the lung mask and the shipped infection model on each case, flags a slice infected when the infected
+Runs the lung mask and the installed infection model on each case, flags a slice infected when the infected
 area inside the lungs (p > 0.5) is at least ``min_area_mm2``, and compares the flags with the radiologists'
-per-slice labels (``labels.json``, ascending SliceLocation = ascending canonical slice index). Writes a JSON
-summary and, per case, an overlay montage PNG.
+per-slice labels (``labels.json``, ascending SliceLocation = ascending canonical slice index). The same is
+reported for each area of ``areas_mm2`` (``slice_flags``). Writes a JSON summary and, per case, an overlay
+montage PNG.
 """
 
 from __future__ import annotations
@@ -38,19 +39,52 @@ def _montage(hu, lung, prob, labels, path: Path, n: int = 8) -> None:
     plt.close(fig)
 
 
-def check_volumes(data: str | Path, out: str | Path, min_area_mm2: float = 100.0) -> dict:
+def slice_flag_scores(area_mm2: np.ndarray, truth: np.ndarray, min_area_mm2: float) -> dict:
+    """Slice flags (infected area >= ``min_area_mm2``) against per-slice labels.
+
+    Args:
+        area_mm2: [D] float infected area per slice.
+        truth: [D] bool radiologist label per slice.
+        min_area_mm2: smallest infected area that flags a slice.
+
+    Returns:
+        ``sensitivity`` (None without labelled slices), ``specificity`` (None without unlabelled slices),
+        ``flagged`` and ``false_positive_slices``.
+    """
+    flags = area_mm2 >= min_area_mm2
+    tp, fp = int((flags & truth).sum()), int((flags & ~truth).sum())
+    return {
+        "sensitivity": float(tp / truth.sum()) if truth.any() else None,
+        "specificity": float((~flags & ~truth).sum() / (~truth).sum()) if (~truth).any() else None,
+        "flagged": int(flags.sum()),
+        "false_positive_slices": fp,
+    }
+
+
+def check_volumes(
+    data: str | Path,
+    out: str | Path,
+    min_area_mm2: float = 100.0,
+    weights_dir: str | Path | None = None,
+    areas_mm2: tuple[float, ...] = (20.0, 100.0, 500.0),
+    hu_gates: tuple[float, ...] = (),
+) -> dict:
     """Per case: slice sensitivity / specificity of the infected-slice flags, and the mean of the mapped input.
 
     Args:
         data: the ``covid-ct-md`` folder (case folders and ``labels.json``).
         out: folder for ``volumes.json`` and ``<case>_overlay.png``.
         min_area_mm2: smallest infected area that flags a slice.
+        weights_dir: folder of the model to check; None for the installed weights.
+        areas_mm2: further flag areas scored into ``slice_flags``.
+        hu_gates: HU thresholds of :func:`covfast.pipeline.infection.gate_aerated` applied to the model's output
+            afterwards, each scored into ``slice_flags_hu_gate[gate]``.
 
     Returns:
         ``{case: {...}}`` as written to ``volumes.json``.
     """
     from covfast.io import load_volume
-    from covfast.pipeline.infection import lung_crop, segment_infection, window_hu
+    from covfast.pipeline.infection import WEIGHTS_DIR, gate_aerated, lung_crop, segment_infection, window_hu
     from covfast.pipeline.lung import lung_mask
 
     data, out = Path(data), Path(out)
@@ -60,23 +94,30 @@ def check_volumes(data: str | Path, out: str | Path, min_area_mm2: float = 100.0
     for case, info in labels.items():
         volume = load_volume(data / case)
         lung = lung_mask(volume.hu, volume.spacing_mm)
-        result = segment_infection(volume.hu, lung, volume.spacing_mm)
+        result = segment_infection(volume.hu, lung, volume.spacing_mm, weights_dir=weights_dir or WEIGHTS_DIR)
         pixel_mm2 = volume.spacing_mm[1] * volume.spacing_mm[2]
         area = ((result.prob > 0.5) & (lung > 0)).sum(axis=(1, 2)) * pixel_mm2
-        flags = area >= min_area_mm2
         truth = np.asarray(info["infection_slice_labels"], bool)
-        if len(truth) != len(flags):
-            raise ValueError(f"{case}: {len(truth)} labels for {len(flags)} slices")
-        crops = [window_hu(volume.hu[z][c]) for z in range(len(flags)) if (c := lung_crop(lung[z] > 0))]
-        tp, fp = int((flags & truth).sum()), int((flags & ~truth).sum())
+        if len(truth) != len(area):
+            raise ValueError(f"{case}: {len(truth)} labels for {len(area)} slices")
+        crops = [window_hu(volume.hu[z][c]) for z in range(len(area)) if (c := lung_crop(lung[z] > 0))]
         summary[case] = {
             "diagnosis": info["diagnosis"],
-            "slices": len(flags),
+            "slices": len(area),
             "labelled_infected": int(truth.sum()),
-            "flagged": int(flags.sum()),
-            "sensitivity": tp / truth.sum() if truth.any() else None,
-            "specificity": ((~flags & ~truth).sum() / (~truth).sum()) if (~truth).any() else None,
-            "false_positive_slices": fp,
+            **slice_flag_scores(area, truth, min_area_mm2),
+            "slice_flags": {str(a): slice_flag_scores(area, truth, a) for a in areas_mm2},
+            "slice_flags_hu_gate": {
+                str(gate): {
+                    str(a): slice_flag_scores(
+                        ((gate_aerated(result.prob, volume.hu, gate) > 0.5) & (lung > 0)).sum(axis=(1, 2)) * pixel_mm2,
+                        truth,
+                        a,
+                    )
+                    for a in areas_mm2
+                }
+                for gate in hu_gates
+            },
             "mapped_input_mean": float(np.mean([c.mean() for c in crops]) / 255.0),
             "training_input_mean": PIXEL_MEAN,
             "seconds": result.timings,
@@ -85,5 +126,24 @@ def check_volumes(data: str | Path, out: str | Path, min_area_mm2: float = 100.0
         }
         _montage(volume.hu, lung, result.prob, truth.astype(int), out / f"{case}_overlay.png")
         print(case, {k: v for k, v in summary[case].items() if k not in ("infected_area_mm2", "labels")}, flush=True)
+        np.savez_compressed(out / f"{case}_prob.npz", prob=(result.prob * 255).round().astype(np.uint8))
     (out / "volumes.json").write_text(json.dumps(summary, indent=2))
+    print(flag_table(summary))
     return summary
+
+
+def flag_table(summary: dict) -> str:
+    """Markdown table of slice sensitivity / specificity per case, flag area and HU gate of a summary."""
+
+    def cell(scores: dict) -> str:
+        return " / ".join("-" if scores[k] is None else f"{scores[k]:.2f}" for k in ("sensitivity", "specificity"))
+
+    cases = list(summary)
+    first = summary[cases[0]]
+    rows = [("none", area, {c: summary[c]["slice_flags"][area] for c in cases}) for area in first["slice_flags"]]
+    for gate, by_area in first["slice_flags_hu_gate"].items():
+        rows += [(gate, area, {c: summary[c]["slice_flags_hu_gate"][gate][area] for c in cases}) for area in by_area]
+    lines = ["| HU gate | area mm^2 | " + " | ".join(f"{c} sens / spec" for c in cases) + " |"]
+    lines.append("|---" * (2 + len(cases)) + "|")
+    lines += [f"| {gate} | {float(area):g} | " + " | ".join(cell(s[c]) for c in cases) + " |" for gate, area, s in rows]
+    return "\n".join(lines)

@@ -134,6 +134,7 @@ def train_segmentation(
     soft_targets: bool = False,
     ckpt_path: Path | None = None,
     log_every: int = 100,
+    sample_weights: torch.Tensor | None = None,
 ) -> TrainLog:
     """Supervised training of a segmentation network.
 
@@ -150,6 +151,8 @@ def train_segmentation(
         soft_targets: targets are 0..255 soft labels.
         ckpt_path: checkpoint file for resuming, or None.
         log_every: print the mean loss every this many steps.
+        sample_weights: optional [N] float relative probability of drawing each slice (e.g. to balance slices
+            with and without infection); uniform when None.
 
     Returns:
         the loss history and wall time.
@@ -161,7 +164,10 @@ def train_segmentation(
     start = ckpt.restore(generator)
     log, t0 = TrainLog(), time.perf_counter()
     for step in range(start, opt.steps):
-        index = torch.randint(len(images), (opt.batch,), device=device, generator=generator)
+        if sample_weights is None:
+            index = torch.randint(len(images), (opt.batch,), device=device, generator=generator)
+        else:
+            index = torch.multinomial(sample_weights, opt.batch, replacement=True, generator=generator)
         x = model_inputs(images[index], None if priors is None else priors[index])
         y = segmentation_targets(targets[index], task, soft_targets)
         if aug is not None:

@@ -8,7 +8,9 @@ Recipe kinds:
                   slices with their pseudo labels; one fit -> ``final.safetensors``).
 Optional keys: ``"init": {"run": NAME, "prefix": "backbone."}`` starts from matching weights of another run's
 ``final.safetensors``; ``"prior": {"run": NAME}`` feeds that single-class run's prediction (fold model in CV,
-final model otherwise) as the second input channel.
+final model otherwise) as the second input channel; ``"negatives": {..., "mix": {"labelled": P, GROUP: P, ...}}``
+adds infection-free slices (:func:`training.negatives.load_negatives`) to the labelled training slices and draws
+each group with the given probability.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from safetensors.torch import load_file
 from covfast.evaluate import CLASS_NAMES, summarize
 from covfast.nn import build_model, count_parameters, load_model, save_model
 from training.augment import AugmentConfig
-from training.data import cv_folds, load_labelled, load_unlabelled
+from training.data import SliceSet, cv_folds, load_labelled, load_unlabelled
 from training.loops import OptimConfig, predict, score, train_inpainting, train_segmentation
+from training.negatives import load_negatives
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -137,9 +140,25 @@ def run_pretrain(recipe: dict, data: Path, runs: Path, device: torch.device, see
     return meta
 
 
-def _fit(recipe, runs, slices, device, seed, ckpt, priors=None, soft=False):
+def _with_negatives(slices: SliceSet, negatives: dict[str, SliceSet], mix: dict[str, float]):
+    """Labelled slices plus negative groups on the soft 0..255 target scale, and per-slice sampling weights."""
+    groups = {"labelled": SliceSet(slices.names, slices.images, slices.targets * 255), **negatives}
+    weights = torch.cat([torch.full((len(g.names),), mix[name] / len(g.names)) for name, g in groups.items()])
+    names = [n for g in groups.values() for n in g.names]
+    merged = SliceSet(
+        names, torch.cat([g.images for g in groups.values()]), torch.cat([g.targets for g in groups.values()])
+    )
+    return merged, weights
+
+
+def _fit(recipe, runs, slices, device, seed, ckpt, priors=None, soft=False, negatives=None):
     model, note = _model(recipe, runs)
     task = recipe.get("task", "infection")
+    weights = None
+    if negatives:
+        slices, weights = _with_negatives(slices, negatives, recipe["negatives"]["mix"])
+        soft = True
+        note += f"; {len(slices.names)} slices with negatives"
     log = train_segmentation(
         model,
         slices.images.to(device),
@@ -152,6 +171,8 @@ def _fit(recipe, runs, slices, device, seed, ckpt, priors=None, soft=False):
         priors=priors,
         soft_targets=soft,
         ckpt_path=ckpt,
+        log_every=recipe.get("log_every", 100),
+        sample_weights=None if weights is None else weights.to(device),
     )
     return model, note, log
 
@@ -173,6 +194,7 @@ def run_segment(
         return summary
     labelled = load_labelled(data, size, task)
     all_images = labelled.images.to(device)
+    negatives = load_negatives(recipe["negatives"], data, size) if recipe.get("negatives") else None
     split = cv_folds(len(labelled.names), 5, recipe.get("split_seed", 0))
     for k in folds:
         val = split[k]
@@ -186,12 +208,14 @@ def run_segment(
             seed + k,
             out_dir / f"fold{k}.pt",
             priors=None if priors is None else priors[train],
+            negatives=negatives,
         )
         val_set = labelled.subset(val)
         probs = predict(model, all_images[val], task, None if priors is None else priors[val])
         per_image = score(probs, val_set.native_targets, val_set.names, task)
         fold = {"fold": k, "model": note, "seconds": log.seconds, "val": val_set.names, "per_image": per_image}
-        _save(model, out_dir / f"fold{k}.safetensors", recipe, {k2: v for k2, v in fold.items() if k2 != "per_image"})
+        meta = {"recipe": recipe, "device": str(device), **{k2: v for k2, v in fold.items() if k2 != "per_image"}}
+        _save(model, out_dir / f"fold{k}.safetensors", recipe, meta)
         (out_dir / f"fold{k}.json").write_text(json.dumps(fold, indent=2))
         print(f"{recipe['name']} fold {k}: {log.seconds:.0f}s", flush=True)
     fold_files = sorted(out_dir.glob("fold[0-9].json"))
@@ -206,7 +230,9 @@ def run_segment(
         (out_dir / "cv.json").write_text(json.dumps(summary, indent=2))
     if final:
         priors = _priors(recipe, runs, "final.safetensors", all_images)
-        model, note, log = _fit(recipe, runs, labelled, device, seed, out_dir / "final.pt", priors=priors)
+        model, note, log = _fit(
+            recipe, runs, labelled, device, seed, out_dir / "final.pt", priors=priors, negatives=negatives
+        )
         summary.update(model=note, final_seconds=log.seconds)
         _save(model, out_dir / "final.safetensors", recipe, summary)
     return summary

@@ -174,6 +174,41 @@ def lung_crop(lung_slice: np.ndarray) -> tuple[slice, slice] | None:
     return widen(rows[0], rows[-1], lung_slice.shape[0]), widen(cols[0], cols[-1], lung_slice.shape[1])
 
 
+def gate_aerated(prob: np.ndarray, hu: np.ndarray, min_hu: float | None) -> np.ndarray:
+    """Zero the infection probability of voxels below ``min_hu`` (aerated lung, not ground glass); None: unchanged.
+
+    Ground-glass opacity is denser than aerated lung (roughly -700 HU and above against -850 to -900), so voxels
+    well below that cannot be infected; the networks see 8-bit slices downsampled to their input size, whose
+    probability maps spill over lesion borders and thin structures.
+
+    Args:
+        prob: [D, H, W] float32 probability.
+        hu: [D, H, W] Hounsfield units, same shape.
+        min_hu: threshold in HU, or None.
+
+    Returns:
+        [D, H, W] float32 (a new array when gated).
+    """
+    if min_hu is None:
+        return prob
+    return np.where(hu >= min_hu, prob, np.float32(0)).astype(np.float32)
+
+
+def lung_slices(lung: np.ndarray) -> list[tuple[int, tuple[slice, slice]]]:
+    """(z, crop) of every slice of a [D, H, W] lung mask that contains lung; crop from :func:`lung_crop`."""
+    return [(z, crop) for z in range(lung.shape[0]) if (crop := lung_crop(lung[z] > 0)) is not None]
+
+
+def slice_view(hu: np.ndarray, z: int, crop: tuple[slice, slice]) -> np.ndarray:
+    """Slice ``z`` of a [D, H, W] HU volume as the networks see it before resizing: windowed, cropped, transposed.
+
+    Returns:
+        [crop W, crop H] uint8, contiguous.
+    """
+    rows, cols = crop
+    return np.ascontiguousarray(window_hu(hu[z, rows, cols]).T)
+
+
 def segment_infection(
     hu: np.ndarray,
     lung: np.ndarray,
@@ -216,11 +251,11 @@ def segment_infection(
     t0 = time.perf_counter()
     prob = np.zeros(hu.shape, np.float32)
     classes = np.zeros(hu.shape, np.uint8) if MULTI_CLASS in models else None
-    work = [(z, crop) for z in range(hu.shape[0]) if (crop := lung_crop(lung[z] > 0)) is not None]
+    work = lung_slices(lung)
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
         # Crops differ in size: each is resized to the network input on its own, then they run as one batch.
-        views = [torch.from_numpy(window_hu(hu[z, rows, cols]).T.copy())[None, None] for z, (rows, cols) in chunk]
+        views = [torch.from_numpy(slice_view(hu, z, crop))[None, None] for z, crop in chunk]
         x = torch.cat([to_input(view.to(device)) for view in views])
         batch_prob, batch_classes = _forward(models, x)
         for i, (z, (rows, cols)) in enumerate(chunk):

@@ -108,8 +108,9 @@ def lung_mask(
     # bases to stomach and colon gas; the labels grow back into the full air mask afterwards.
     core_air = ndi.binary_erosion(inner_air, structure=ndi.generate_binary_structure(3, 1))
     # Lungs, bronchi and trachea need not be one component: narrow bronchi may close at this threshold.
-    large_air = cc3d.dust(core_air, threshold=max(1, int(min_second_lung_fraction * min_lung_volume_ml / voxel_ml)),
-                          connectivity=6)
+    large_air = cc3d.dust(
+        core_air, threshold=max(1, int(min_second_lung_fraction * min_lung_volume_ml / voxel_ml)), connectivity=6
+    )
     if not large_air.any():
         return labels_full
     trachea = _trachea(large_air, midline_w, work_spacing, trachea_max_area_mm2, trachea_max_offset_mm)
@@ -117,8 +118,7 @@ def lung_mask(
     if lungs is None:
         return labels_full
     lungs = _grow_back(lungs, inner_air & ~_dilate_in_box(trachea, 2))
-    labels = _recover_dense_lung(lungs, work_hu, work_spacing, closing_radius_mm, bone_threshold_hu,
-                                 pocket_depth_mm)
+    labels = _recover_dense_lung(lungs, work_hu, work_spacing, closing_radius_mm, bone_threshold_hu, pocket_depth_mm)
     _upsample_into(labels, step_h, step_w, labels_full)
     return labels_full
 
@@ -147,13 +147,23 @@ def _inner_air(air: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _in_plane_border_ids(labels: np.ndarray) -> np.ndarray:
     """Sorted unique labels on the first/last row and column of every slice of [D, H, W] ``labels``."""
-    return np.unique(np.concatenate([
-        labels[:, 0, :].ravel(), labels[:, -1, :].ravel(), labels[:, :, 0].ravel(), labels[:, :, -1].ravel(),
-    ]))
+    return np.unique(
+        np.concatenate(
+            [
+                labels[:, 0, :].ravel(),
+                labels[:, -1, :].ravel(),
+                labels[:, :, 0].ravel(),
+                labels[:, :, -1].ravel(),
+            ]
+        )
+    )
 
 
 def _trachea(
-    air: np.ndarray, midline_w: float, spacing: tuple[float, float, float], max_area_mm2: float,
+    air: np.ndarray,
+    midline_w: float,
+    spacing: tuple[float, float, float],
+    max_area_mm2: float,
     max_offset_mm: float,
 ) -> np.ndarray:
     """Track the trachea and extrapulmonary main bronchi downward from the top of the scan.
@@ -208,8 +218,10 @@ def _dilate_in_box(mask: np.ndarray, steps: int) -> np.ndarray:
     dilated = np.zeros_like(mask)
     if not mask.any():
         return dilated
-    box = tuple(slice(max(0, int(indices[0]) - steps), int(indices[-1]) + steps + 1)
-                for indices in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))))
+    box = tuple(
+        slice(max(0, int(indices[0]) - steps), int(indices[-1]) + steps + 1)
+        for indices in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    )
     dilated[box] = ndi.binary_dilation(mask[box], iterations=steps)
     return dilated
 
@@ -256,7 +268,7 @@ def _select_lungs(candidates: np.ndarray, min_voxels: float, min_second_fraction
         # Stomach and bowel gas lie below the lungs; the other lung spans the same heights as the first.
         box = stats["bounding_boxes"][second]
         z_split = max(box[0].start, math.ceil(stats["centroids"][first][0]))
-        upper_voxels = np.count_nonzero(components[z_split:box[0].stop, box[1], box[2]] == second)
+        upper_voxels = np.count_nonzero(components[z_split : box[0].stop, box[1], box[2]] == second)
         if upper_voxels >= 0.25 * voxels[second]:
             right = first if stats["centroids"][first][2] < stats["centroids"][second][2] else second
             labels = np.zeros(components.shape, dtype=np.uint8)
@@ -343,8 +355,12 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 
 def _recover_dense_lung(
-    labels: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float], radius_mm: float,
-    bone_threshold_hu: float, pocket_depth_mm: float,
+    labels: np.ndarray,
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    radius_mm: float,
+    bone_threshold_hu: float,
+    pocket_depth_mm: float,
 ) -> np.ndarray:
     """Add consolidated and ground-glass lung that the air threshold left out, lung by lung.
 
@@ -368,15 +384,21 @@ def _recover_dense_lung(
         if not lung.any():
             continue
         zs, ys, xs = (np.flatnonzero(lung.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-        box = (slice(zs[0], zs[-1] + 1),
-               slice(max(0, ys[0] - pad_h), ys[-1] + pad_h + 1),
-               slice(max(0, xs[0] - pad_w), xs[-1] + pad_w + 1))
+        box = (
+            slice(zs[0], zs[-1] + 1),
+            slice(max(0, ys[0] - pad_h), ys[-1] + pad_h + 1),
+            slice(max(0, xs[0] - pad_w), xs[-1] + pad_w + 1),
+        )
         lung_box = lung[box]
         allowed = (hu[box] < bone_threshold_hu) & (labels[box] == 0)
         grown = _fill_holes_per_slice(lung_box | (_round_closing(lung_box, radius_h, radius_w) & allowed))
         # Chebyshev distance is a close enough depth measure here and costs two 1D passes.
-        near = ndi.maximum_filter(grown.view(np.uint8), mode="constant", cval=0, size=(
-            1, 2 * round(pocket_depth_mm / spacing[1]) + 1, 2 * round(pocket_depth_mm / spacing[2]) + 1)).view(bool)
+        near = ndi.maximum_filter(
+            grown.view(np.uint8),
+            mode="constant",
+            cval=0,
+            size=(1, 2 * round(pocket_depth_mm / spacing[1]) + 1, 2 * round(pocket_depth_mm / spacing[2]) + 1),
+        ).view(bool)
         grown |= _wall_pockets(grown, allowed, near, lateral_sign=-1 if label == RIGHT_LUNG else 1)
         grown &= ~_domes(grown & ~lung_box, grown, labels[box] == 0)
         result_box = result[box]
@@ -446,7 +468,8 @@ def _convex_hull_per_slice(mask: np.ndarray) -> np.ndarray:
             left_x = np.fmin(left_x, np.nanmin(crossing, axis=1, initial=np.inf, where=~np.isnan(crossing)))
             right_x = np.fmax(right_x, np.nanmax(crossing, axis=1, initial=-np.inf, where=~np.isnan(crossing)))
         hull[z, rows] = (columns[None, :] >= np.ceil(left_x - 1e-6)[:, None]) & (
-            columns[None, :] <= np.floor(right_x + 1e-6)[:, None])
+            columns[None, :] <= np.floor(right_x + 1e-6)[:, None]
+        )
     return hull
 
 
@@ -492,9 +515,12 @@ def _wall_pockets(lung: np.ndarray, allowed: np.ndarray, near: np.ndarray, later
     else:
         medial_edge = np.argmax(occupied, axis=1)
     medial_limit = (lung_w + medial_edge) / 2
-    keep = (shallow_area >= 0.9 * pocket_area) & (pocket_area <= lung_area[pocket_z]) & (
-        pocket_h >= lung_h[pocket_z]) & (
-        (pocket_w - medial_limit[pocket_z]) * lateral_sign >= 0)
+    keep = (
+        (shallow_area >= 0.9 * pocket_area)
+        & (pocket_area <= lung_area[pocket_z])
+        & (pocket_h >= lung_h[pocket_z])
+        & ((pocket_w - medial_limit[pocket_z]) * lateral_sign >= 0)
+    )
     return np.concatenate([[False], keep])[pocket_ids]
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 
 import covfast
 from covfast.errors import ModelNotInstalledError, OutputError
-from covfast.pipeline.severity import SeverityRules, summarize
+from covfast.pipeline.severity import DEFAULT_RULES, SeverityRules, summarize
 
 SCHEMA_VERSION = "1.0"
 PROBABILITY_THRESHOLD = 0.5
@@ -99,11 +100,19 @@ class Result:
         if pct is None:
             summary = f"lung {report['lung_volume_ml']['total']:.0f} mL; infection not segmented"
         else:
-            summary = (f"lung {report['lung_volume_ml']['total']:.0f} mL, infected "
-                       f"{report['infected_volume_ml']['total']:.1f} mL = {pct:.1f} % -> {report['severity']['ct_class']}")
+            summary = (
+                f"lung {report['lung_volume_ml']['total']:.0f} mL, infected "
+                f"{report['infected_volume_ml']['total']:.1f} mL = {pct:.1f} % -> {report['severity']['ct_class']}"
+            )
         return render_preview(
-            self.volume.hu, self.lung_mask, self.infection_mask, self.volume.spacing_mm, self.volume.z_mm,
-            self.slice_ratio, title=f"covfast {covfast.__version__}: {report['input']['path']}", summary=summary,
+            self.volume.hu,
+            self.lung_mask,
+            self.infection_mask,
+            self.volume.spacing_mm,
+            self.volume.z_mm,
+            self.slice_ratio,
+            title=f"covfast {covfast.__version__}: {report['input']['path']}",
+            summary=summary,
         )
 
 
@@ -142,6 +151,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def warm_up_ops() -> threading.Thread:
+    """Start loading the op machinery in a background thread and return the thread.
+
+    The first call of any ``torch.library`` custom op imports ``torch._dynamo`` (about 1 s on a 2-core CPU). Done
+    while the volume is read and the lungs are segmented (I/O, decoding and much of numpy release the GIL), that
+    second overlaps the work instead of adding to it. Join the thread before the first op call.
+    """
+
+    def warm():
+        import torch
+
+        from covfast.ops import infection_ratio
+
+        empty = torch.zeros((0, 1, 1), dtype=torch.uint8)
+        infection_ratio(empty, empty, PROBABILITY_THRESHOLD)
+
+    thread = threading.Thread(target=warm, name="covfast-warm-ops", daemon=True)
+    thread.start()
+    return thread
+
+
 def _reduce(lung_mask: np.ndarray, infection: np.ndarray, threshold: float):
     import torch
 
@@ -160,7 +190,7 @@ def analyze(
     infection_mask_source: str | None = None,
     device: str = "auto",
     batch_size: int = 8,
-    rules: SeverityRules = SeverityRules(),
+    rules: SeverityRules = DEFAULT_RULES,
     timings: dict | None = None,
     progress=None,
 ) -> Result:
@@ -200,8 +230,9 @@ def analyze(
             try:
                 from covfast.pipeline.infection import segment_infection
 
-                seg = segment_infection(volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size,
-                                        progress=progress)
+                seg = segment_infection(
+                    volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size, progress=progress
+                )
                 prob, classes, models = seg.prob, seg.classes, list(seg.models)
                 # The networks see lung crops; what they mark outside the lung mask (bowel, chest wall) is not
                 # lung infection, so the written mask keeps only in-lung findings like the reduction does.
@@ -226,8 +257,9 @@ def analyze(
         else:
             lung_voxels = _reduce(lung, np.zeros_like(lung), PROBABILITY_THRESHOLD)[0]
         if prob is not None:
-            soft_ml = float(_reduce(lung, np.ascontiguousarray(prob, dtype=np.float32),
-                                    PROBABILITY_THRESHOLD)[2].sum() * voxel_ml)
+            soft_ml = float(
+                _reduce(lung, np.ascontiguousarray(prob, dtype=np.float32), PROBABILITY_THRESHOLD)[2].sum() * voxel_ml
+            )
     with _timed(timings, "severity"):
         summary = summarize(lung_voxels, infected_voxels, volume.spacing_mm, volume.z_mm, multiclass, rules)
     if infected_voxels is not None:
@@ -255,13 +287,18 @@ def analyze(
         **summary,
         "rules": rules.describe(),
         "device": device,
-        "backend": _backend_used(),
+        "backend": _backend_used(device),
         "timings_s": timings,
         "notes": notes,
     }
-    return Result(report=report, volume=volume, lung_mask=lung,
-                  infection_mask=classes if classes is not None else None, infection_prob=prob,
-                  slice_ratio=slice_ratio)
+    return Result(
+        report=report,
+        volume=volume,
+        lung_mask=lung,
+        infection_mask=classes if classes is not None else None,
+        infection_prob=prob,
+        slice_ratio=slice_ratio,
+    )
 
 
 def _source_spacing(volume) -> tuple:
@@ -269,8 +306,12 @@ def _source_spacing(volume) -> tuple:
     return tuple(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
 
 
-def _backend_used() -> dict:
-    """Which implementation ran each op; the reduction runs on host arrays, hence on the CPU backends."""
+def _backend_used(device: str) -> dict:
+    """Which implementation ran each op: the reduction runs on host arrays (CPU backends), the networks' ops on
+    ``device``."""
     from covfast import _backend
 
-    return {"infection_ratio": f"{_backend.select('infection_ratio', 'cpu')} (cpu)"}
+    return {
+        "infection_ratio": f"{_backend.select('infection_ratio', 'cpu')} (cpu)",
+        "network_ops": _backend.selected_backends(device),
+    }

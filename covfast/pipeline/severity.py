@@ -61,7 +61,10 @@ class SeverityRules:
         }
 
 
-def mosmed_class(percent: float | None, infected_ml: float, rules: SeverityRules = SeverityRules()) -> str | None:
+DEFAULT_RULES = SeverityRules()
+
+
+def mosmed_class(percent: float | None, infected_ml: float, rules: SeverityRules = DEFAULT_RULES) -> str | None:
     """MosMed CT0-CT4 class of a volumetric percentage of infected lung.
 
     Args:
@@ -99,8 +102,9 @@ def _zones_of_lung(lung_voxels: np.ndarray, infected_voxels: np.ndarray) -> list
         lung = int(lung_voxels[lo:hi].sum())
         infected = int(infected_voxels[lo:hi].sum())
         percent = 100.0 * infected / lung if lung else 0.0
-        zones.append({"zone": name, "slices": [int(lo), int(hi) - 1], "percent_infected": percent,
-                      "score": zone_score(percent)})
+        zones.append(
+            {"zone": name, "slices": [int(lo), int(hi) - 1], "percent_infected": percent, "score": zone_score(percent)}
+        )
     return zones
 
 
@@ -110,7 +114,7 @@ def summarize(
     spacing_mm: tuple[float, float, float],
     z_mm: np.ndarray,
     multiclass: bool,
-    rules: SeverityRules = SeverityRules(),
+    rules: SeverityRules = DEFAULT_RULES,
 ) -> dict:
     """Turn per-slice counts into the severity part of the report.
 
@@ -143,8 +147,14 @@ def summarize(
         out["zones"] = None
         out["zone_ct_score"] = None
         out["slices"] = [
-            {"index": i, "z_mm": float(z_mm[i]), "lung_area_mm2": float(lung_area[i]), "infected_area_mm2": None,
-             "ratio": None, "covid_positive": None}
+            {
+                "index": i,
+                "z_mm": float(z_mm[i]),
+                "lung_area_mm2": float(lung_area[i]),
+                "infected_area_mm2": None,
+                "ratio": None,
+                "covid_positive": None,
+            }
             for i in range(lung_voxels.shape[0])
         ]
         return out
@@ -166,8 +176,8 @@ def summarize(
     out["percent_infected"] = {"volumetric": volumetric, "mean_of_slices": mean_of_slices}
     out["severity"] = {
         "ct_class": mosmed_class(volumetric, infected_total_ml, rules),
-        "rule": "MosMed: CT0 none (< %.2g mL infected); CT1 < 25 %%; CT2 25 to < 50 %%; CT3 50 to < 75 %%; "
-        "CT4 >= 75 %% of lung volume infected" % rules.min_lesion_ml,
+        "rule": f"MosMed: CT0 none (< {rules.min_lesion_ml:g} mL infected); CT1 < 25 %; CT2 25 to < 50 %; "
+        "CT3 50 to < 75 %; CT4 >= 75 % of lung volume infected",
     }
     infected_per_lung = infected_voxels.sum(axis=2)
     zones = {}

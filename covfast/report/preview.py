@@ -118,9 +118,17 @@ def render_preview(
     fig = Figure(figsize=(4.0 * ncols, panel_height * nrows + 3.2), dpi=90)
     FigureCanvasAgg(fig)
     # Fixed margins instead of tight_layout, which draws the whole figure once more to measure it.
-    grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[panel_height] * nrows + [2.2], left=0.065, right=0.99,
-                            bottom=0.55 / fig.get_figheight(), top=1.0 - 0.9 / fig.get_figheight(), hspace=0.25,
-                            wspace=0.04)
+    grid = fig.add_gridspec(
+        nrows + 1,
+        ncols,
+        height_ratios=[panel_height] * nrows + [2.2],
+        left=0.065,
+        right=0.99,
+        bottom=0.55 / fig.get_figheight(),
+        top=1.0 - 0.9 / fig.get_figheight(),
+        hspace=0.25,
+        wspace=0.04,
+    )
     for n, index in enumerate(picks):
         ax = fig.add_subplot(grid[n // ncols, n % ncols])
         inf_slice = infection_mask[index, rows, columns] if infection_mask is not None else None
@@ -141,16 +149,26 @@ def render_preview(
         ax.set_ylabel("infected / lung area (%)")
         ax.set_ylim(bottom=0)
     else:
-        ax.text(0.5, 0.5, "no infection segmentation (no model installed, no --infection-mask)",
-                ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no infection segmentation (no model installed, no --infection-mask)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_yticks([])
     ax.set_xlabel("position along the body axis z (mm), inferior to superior")
     ax.grid(alpha=0.3)
-    handles = [Patch(edgecolor=RIGHT_COLOR, facecolor="none", label="right lung"),
-               Patch(edgecolor=LEFT_COLOR, facecolor="none", label="left lung")]
+    handles = [
+        Patch(edgecolor=RIGHT_COLOR, facecolor="none", label="right lung"),
+        Patch(edgecolor=LEFT_COLOR, facecolor="none", label="left lung"),
+    ]
     if infection_mask is not None:
-        handles += [Patch(color=CLASS_COLORS[1], label="GGO / infection"),
-                    Patch(color=CLASS_COLORS[2], label="consolidation")]
+        handles += [
+            Patch(color=CLASS_COLORS[1], label="GGO / infection"),
+            Patch(color=CLASS_COLORS[2], label="consolidation"),
+        ]
     fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=len(handles), frameon=False)
     fig.suptitle(f"{title}\n{summary}", fontsize=10, x=0.01, ha="left")
     buffer = io.BytesIO()

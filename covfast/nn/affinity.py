@@ -1,0 +1,132 @@
+"""Affinity classification head of the one-shot COVID-19 / common pneumonia / normal model (Ter-Sarkisov, "One Shot
+Model For The Prediction of COVID-19 and Lesions Segmentation In Chest CT Scans Through The Affinity Among Lesion
+Mask Features").
+
+Per slice, beta RoIs (lesion instances, highest score first; fewer are padded by repeating them cyclically) are
+pooled by ``covfast.ops.roi_align`` into features X_roi [beta, C_in, 28, 28]. Then, as in the paper:
+
+1. refinement, N = 3 blocks of Conv 3x3 -> BatchNorm -> ReLU -> ConvTranspose 3x3 (stride 1, so 28 x 28 is kept);
+2. vectorisation by three convolutions to 1 x 1: 28 -> 7 (4x4, stride 4) -> 3 (3x3, stride 2) -> 1 (3x3), giving
+   X [beta, C] (one C-vector per RoI);
+3. the affinity layer z = (W^T X)^T v with the learned affinity matrix W [beta, C*] and vector v [C*]
+   (``covfast.ops.affinity``), z [C];
+4. two fully connected layers -> 3 logits (covid, pneumonia, normal), trained with per-class binary cross-entropy.
+
+Where this differs from the paper and why: the RoI features come from the shared backbone of the segmentation
+network (see :mod:`covfast.pipeline.diagnosis`), the first refinement convolution reduces C_in to a few channels
+(``ch``) to keep the head cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from covfast import ops
+
+CLASSES = ("covid", "pneumonia", "normal")
+ROI_SIZE = 28
+AFFINITY_DIMS = (8, 16, 32, 64)
+
+
+def _refinement(in_ch: int, ch: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, ch, 3, padding=1, bias=False),
+        nn.BatchNorm2d(ch),
+        nn.ReLU(inplace=True),
+        nn.ConvTranspose2d(ch, ch, 3, padding=1),
+    )
+
+
+class AffinityHead(nn.Module):
+    """RoI features of a slice -> 3 class logits through the affinity among its RoIs.
+
+    Args:
+        in_ch: C_in, channels of the pooled RoI features.
+        ch: channels inside the refinement blocks.
+        feature_dim: C, length of each RoI's vector after vectorisation.
+        affinity_dim: C*, columns of the affinity matrix W (one of 8, 16, 32, 64).
+        beta: RoIs per slice.
+        hidden: width of the first fully connected layer.
+        n_blocks: refinement blocks N.
+    """
+
+    def __init__(
+        self,
+        in_ch: int = 65,
+        ch: int = 16,
+        feature_dim: int = 64,
+        affinity_dim: int = 16,
+        beta: int = 8,
+        hidden: int = 64,
+        n_blocks: int = 3,
+    ):
+        super().__init__()
+        if affinity_dim not in AFFINITY_DIMS:
+            raise ValueError(f"affinity_dim (C*) must be one of {AFFINITY_DIMS}; got {affinity_dim}")
+        self.beta = beta
+        self.refine = nn.Sequential(*(_refinement(in_ch if i == 0 else ch, ch) for i in range(n_blocks)))
+        self.vectorise = nn.Sequential(
+            nn.Conv2d(ch, feature_dim, 4, stride=4, bias=False),
+            nn.BatchNorm2d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(feature_dim, feature_dim, 3, stride=2, bias=False),
+            nn.BatchNorm2d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(feature_dim, feature_dim, 3),
+        )
+        self.affinity_matrix = nn.Parameter(torch.randn(beta, affinity_dim) / beta**0.5)
+        self.affinity_vector = nn.Parameter(torch.randn(affinity_dim) / affinity_dim**0.5)
+        self.classify = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 3))
+
+    def forward(self, roi_features: torch.Tensor) -> torch.Tensor:
+        """roi_features: [N, beta, C_in, 28, 28] float32 -> logits [N, 3] (order of :data:`CLASSES`)."""
+        n, beta = roi_features.shape[:2]
+        if beta != self.beta:
+            raise ValueError(f"expected {self.beta} RoIs per slice, got {beta}")
+        x = self.vectorise(self.refine(roi_features.flatten(0, 1)))
+        x = x.reshape(n, beta, -1)
+        z = ops.affinity(x, self.affinity_matrix, self.affinity_vector)
+        return self.classify(z)
+
+
+def select_rois(boxes: list[tuple[float, float, float, float]], fallback: list[tuple], beta: int = 8) -> list[tuple]:
+    """Exactly ``beta`` boxes: the first ``beta`` of ``boxes`` (or ``fallback`` when empty), padded cyclically.
+
+    Args:
+        boxes: lesion boxes (x1, y1, x2, y2), highest score first.
+        fallback: boxes used when the slice has no lesion instance.
+        beta: RoIs per slice.
+    """
+    chosen = list(boxes[:beta]) or list(fallback)
+    return [chosen[i % len(chosen)] for i in range(beta)]
+
+
+def pool_rois(features: torch.Tensor, rois: list[list[tuple]], spatial_scale: float) -> torch.Tensor:
+    """RoIAlign ``beta`` boxes per image into [B, beta, C, 28, 28].
+
+    Args:
+        features: [B, C, h, w] float32 feature maps.
+        rois: per image, ``beta`` boxes (x1, y1, x2, y2) in input pixels.
+        spatial_scale: feature pixels per input pixel.
+    """
+    table = torch.tensor(
+        [(b, *box) for b, boxes in enumerate(rois) for box in boxes], dtype=features.dtype, device=features.device
+    ).reshape(-1, 5)
+    pooled = ops.roi_align(features, table, ROI_SIZE, spatial_scale, sampling_ratio=2, aligned=True)
+    return pooled.reshape(len(rois), -1, *pooled.shape[1:])
+
+
+def load_head(path: str | Path, device: str | torch.device = "cpu") -> AffinityHead:
+    """Rebuild an :class:`AffinityHead` saved by ``covfast.nn.save_model(model, path, "affinity", config)``; eval mode on ``device``."""
+    from covfast.nn.io import read_architecture
+
+    arch, config = read_architecture(path)
+    if arch != "affinity":
+        raise ValueError(f"{path}: holds a {arch!r} model, not an affinity head")
+    model = AffinityHead(**config)
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()

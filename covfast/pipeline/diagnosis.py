@@ -1,0 +1,250 @@
+"""Diagnosis stage: lesion instances and COVID-19 / common pneumonia / normal classes per slice and per volume.
+
+Design (issue 5). The paper builds a Mask R-CNN (ResNet18 + FPN, RPN, RoIAlign, box / class / mask heads) and
+feeds the mask features of its top RoIs to the affinity head. Here the lesion proposals are the instances of the
+shipped Inf-Net instead (:func:`covfast.instances.extract_instances` on its probability), and the RoI features are
+pooled from the Inf-Net's own backbone, because:
+
+* accuracy: the only lesion masks we have are 50 labelled slices, on which the Inf-Net already was trained with
+  deep supervision and self-supervised pretraining; a second detector trained from scratch on the same 50 slices
+  (with RPN, box and class heads on top) would propose lesions no better, and its errors would differ from the
+  infection mask that the report quantifies, so counted instances and infected volume would disagree;
+* speed: the shared path adds only the first two backbone stages (about 0.3 GFLOP per 256 x 256 slice) and the
+  head; a Mask R-CNN would add a full second network per slice on a CPU that already spends most of the run in
+  the Inf-Net.
+
+RoI features: stage-2 backbone features (64 channels, stride 8) with the infection probability (average-pooled to
+stride 8) as a 65th channel, so each RoI carries the lesion's mask as the paper's mask features do; pooled to
+28 x 28 by ``covfast.ops.roi_align``. Slices are the infection stage's input views (lung window, lung crop,
+transpose, 256 x 256: :func:`slice_view`), so training and inference see the same pixels. A slice with no lesion
+instance uses whole-lung RoIs: the crop and its two halves along the left-right axis (one per lung).
+
+Volume aggregation rule (:data:`RULE`): slice class probabilities are the head's per-class sigmoids normalised to
+sum 1. A lung slice is abnormal when its normal probability is below 0.5. If fewer than
+``max(3, 10 % of the lung slices)`` slices are abnormal the volume is normal; otherwise the label is the larger of
+the mean covid and mean pneumonia probability over the abnormal slices. ``probs`` are the means over the slices
+that decided (the abnormal slices, or all lung slices for a normal volume).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from covfast.errors import ModelNotInstalledError
+from covfast.instances import PROB_THRESHOLD, extract_instances
+from covfast.nn.affinity import CLASSES, pool_rois, select_rois
+from covfast.pipeline.infection import WEIGHTS_DIR, lung_crop, window_hu
+
+MODEL_NAME = "affinity"
+FEATURE_STRIDE = 8
+MIN_ABNORMAL_SLICES = 3
+MIN_ABNORMAL_FRACTION = 0.10
+MIN_LESION_ML = 0.01
+RULE = (
+    "slice abnormal when p(normal) < 0.5; volume normal when fewer than max(3, 10% of lung slices) are abnormal, "
+    "else argmax of mean p(covid) vs mean p(pneumonia) over the abnormal slices"
+)
+
+
+def fallback_boxes(size: int) -> list[tuple[float, float, float, float]]:
+    """Whole-lung RoIs of a ``size`` x ``size`` view: the crop, then its halves along rows (the left-right axis)."""
+    half = size / 2
+    return [(0.0, 0.0, float(size), float(size)), (0.0, 0.0, float(size), half), (0.0, half, float(size), float(size))]
+
+
+def slice_view(hu_slice: np.ndarray, lung_slice: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
+    """The infection stage's view of one axial slice: lung-windowed 8-bit lung crop, transposed.
+
+    Args:
+        hu_slice: [H, W] Hounsfield units, canonical orientation.
+        lung_slice: [H, W] lung mask (non-zero = lung).
+
+    Returns:
+        (view [W', H'] uint8, (rows, cols) crop in the slice), or None for a slice without lung.
+    """
+    crop = lung_crop(lung_slice > 0)
+    if crop is None:
+        return None
+    rows, cols = crop
+    return np.ascontiguousarray(window_hu(hu_slice[rows, cols]).T), crop
+
+
+class RoiFeatures:
+    """Backbone of the shipped single-class Inf-Net, cut after stage 2, and RoI pooling for the affinity head.
+
+    Args:
+        backbone: the Inf-Net's :class:`covfast.nn.backbone.ResNetBackbone`.
+        beta: RoIs per slice.
+        device: torch device.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, beta: int = 8, device: str = "cpu"):
+        self.backbone = backbone.to(device).eval()
+        self.beta = beta
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, prob: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Pooled RoI features of a batch of views.
+
+        Args:
+            x: [N, 1, S, S] float32 standardised views (:func:`covfast.nn.preprocess.to_input`).
+            prob: [N, 1, S, S] float32 infection probability on the same grid.
+
+        Returns:
+            (RoI features [N, beta, 65, 28, 28] float32, lesion instance count per view).
+        """
+        x, prob = x.to(self.device), prob.to(self.device)
+        feats = self.backbone.stages[1](self.backbone.stages[0](self.backbone.stem(x)))
+        maps = torch.cat([feats, F.avg_pool2d(prob, FEATURE_STRIDE)], dim=1)
+        prob_np = prob[:, 0].cpu().numpy()
+        size = x.shape[-1]
+        rois, counts = [], []
+        for view_prob in prob_np:
+            found = extract_instances(view_prob)
+            counts.append(len(found))
+            rois.append(select_rois([inst.box for inst in found], fallback_boxes(size), self.beta))
+        return pool_rois(maps, rois, 1.0 / FEATURE_STRIDE), counts
+
+
+def class_probs(logits: torch.Tensor) -> np.ndarray:
+    """[N, 3] logits -> [N, 3] float64 per-class sigmoids normalised to sum 1 (order of ``CLASSES``)."""
+    sig = torch.sigmoid(logits.double()).cpu().numpy()
+    return sig / sig.sum(axis=1, keepdims=True)
+
+
+def aggregate(slice_probs: np.ndarray) -> dict:
+    """Volume diagnosis from the lung slices' class probabilities by :data:`RULE`.
+
+    Args:
+        slice_probs: [N, 3] float class probabilities of the lung slices (order of ``CLASSES``).
+
+    Returns:
+        ``{"label", "probs": {class: p}, "rule", "abnormal_slices"}``.
+    """
+    normal = CLASSES.index("normal")
+    abnormal = slice_probs[:, normal] < 0.5 if len(slice_probs) else np.zeros(0, dtype=bool)
+    needed = max(MIN_ABNORMAL_SLICES, int(np.ceil(MIN_ABNORMAL_FRACTION * len(slice_probs))))
+    if abnormal.sum() < needed:
+        label = "normal"
+        deciding = slice_probs
+    else:
+        deciding = slice_probs[abnormal]
+        mean = deciding.mean(axis=0)
+        label = "covid" if mean[CLASSES.index("covid")] >= mean[CLASSES.index("pneumonia")] else "pneumonia"
+    mean = deciding.mean(axis=0) if len(deciding) else np.full(3, np.nan)
+    return {"label": label, "probs": {name: float(mean[i]) for i, name in enumerate(CLASSES)}, "rule": RULE,
+            "abnormal_slices": int(abnormal.sum())}
+
+
+def lesion_volumes(infection_prob: np.ndarray, lung: np.ndarray, spacing_mm) -> list[float]:
+    """Volumes in mL of the 3D lesions (26-connected components of ``prob >= 0.5`` inside the lung), largest first;
+    components under :data:`MIN_LESION_ML` are dropped."""
+    import cc3d
+
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    labels = cc3d.connected_components((infection_prob >= PROB_THRESHOLD) & (lung > 0), connectivity=26)
+    sizes = np.bincount(labels.ravel())[1:] * voxel_ml
+    return sorted((float(v) for v in sizes if v >= MIN_LESION_ML), reverse=True)
+
+
+def load_affinity(device: str = "cpu", weights_dir: str | Path = WEIGHTS_DIR):
+    """The installed affinity head and its model card, with the SHA-256 checked.
+
+    Raises:
+        ModelNotInstalledError: no affinity weights, or a file whose hash differs from its card.
+    """
+    from covfast.nn import sha256_file
+    from covfast.nn.affinity import load_head
+
+    weights = Path(weights_dir) / f"{MODEL_NAME}.safetensors"
+    card_path = weights.with_suffix(".json")
+    if not weights.exists() or not card_path.exists():
+        raise ModelNotInstalledError(f"no affinity model installed in {weights_dir} (expected {weights.name})")
+    card = json.loads(card_path.read_text())
+    if sha256_file(weights) != card["sha256"]:
+        raise ModelNotInstalledError(f"{weights}: SHA-256 differs from its model card; reinstall covfast")
+    return load_head(weights, device), card
+
+
+def diagnose(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    infection_prob: np.ndarray,
+    spacing_mm,
+    device: str = "cpu",
+    batch_size: int = 16,
+    weights_dir: str | Path = WEIGHTS_DIR,
+) -> dict:
+    """Per-slice class probabilities, lesion instances and the volume diagnosis of a CT volume.
+
+    Args:
+        hu: [D, H, W] int16 Hounsfield units, canonical orientation.
+        lung: [D, H, W] uint8 lung mask.
+        infection_prob: [D, H, W] float32 single-class infection probability from the infection stage.
+        spacing_mm: (dz, dy, dx) voxel spacing in mm (for lesion volumes).
+        device: torch device.
+        batch_size: slices per forward pass.
+        weights_dir: folder of installed weights (the Inf-Net's backbone and the affinity head).
+
+    Returns:
+        ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "lesions"}], "lesions": {"count",
+        "volumes_ml"}, "diagnosis": {"label", "probs", "rule", "abnormal_slices"}, "models", "timings_s"}``;
+        ``slices`` lists only slices with lung, ``lesions`` per slice counts the 2D instances on the view.
+
+    Raises:
+        ModelNotInstalledError: no Inf-Net or no affinity weights installed.
+        ValueError: the arrays are not 3D of one shape.
+    """
+    from covfast.nn.preprocess import to_input
+    from covfast.pipeline.infection import SINGLE_CLASS, load_models
+
+    if hu.ndim != 3 or hu.shape != lung.shape or hu.shape != infection_prob.shape:
+        raise ValueError(
+            f"hu, lung and infection_prob must be [D, H, W] of one shape; got {hu.shape}, {lung.shape}, "
+            f"{infection_prob.shape}"
+        )
+    t0 = time.perf_counter()
+    infnet = load_models(device, multiclass=False, weights_dir=weights_dir)[SINGLE_CLASS]
+    head, card = load_affinity(device, weights_dir)
+    extractor = RoiFeatures(infnet.model.backbone, head.beta, device)
+    timings = {"load": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    work = [(z, found) for z in range(hu.shape[0]) if (found := slice_view(hu[z], lung[z])) is not None]
+    slices = []
+    for start in range(0, len(work), batch_size):
+        chunk = work[start : start + batch_size]
+        x = torch.cat([to_input(torch.from_numpy(view)[None, None]) for _, (view, _) in chunk])
+        prob = torch.cat([
+            to_view_grid(infection_prob[z, rows, cols].T, x.shape[-1]) for z, (_, (rows, cols)) in chunk
+        ])
+        rois, counts = extractor(x, prob)
+        with torch.no_grad():
+            probs = class_probs(head(rois.to(device)))
+        for (z, _), p, n in zip(chunk, probs, counts):
+            slices.append({"index": int(z), "class_probs": dict(zip(CLASSES, map(float, p))), "lesions": n})
+    timings["classify"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    volumes = lesion_volumes(infection_prob, lung, spacing_mm)
+    timings["lesions"] = time.perf_counter() - t0
+    table = np.array([[s["class_probs"][c] for c in CLASSES] for s in slices]).reshape(-1, 3)
+    return {
+        "slices": slices,
+        "lesions": {"count": len(volumes), "volumes_ml": volumes},
+        "diagnosis": aggregate(table),
+        "models": [{"name": SINGLE_CLASS, "sha256": infnet.card["sha256"]}, {"name": MODEL_NAME,
+                                                                             "sha256": card["sha256"]}],
+        "timings_s": timings,
+    }
+
+
+def to_view_grid(prob_view: np.ndarray, size: int) -> torch.Tensor:
+    """[h, w] probability on a view -> [1, 1, size, size] float32 on the network grid (bilinear)."""
+    prob = torch.from_numpy(np.ascontiguousarray(prob_view, dtype=np.float32))[None, None]
+    return F.interpolate(prob, size=(size, size), mode="bilinear", align_corners=False)

@@ -1,0 +1,116 @@
+"""Affinity head (covfast.nn.affinity) and the diagnosis stage (covfast.pipeline.diagnosis)."""
+
+import numpy as np
+import pytest
+import torch
+
+from covfast.nn import save_model
+from covfast.nn.affinity import AffinityHead, load_head, pool_rois, select_rois
+from covfast.pipeline.diagnosis import WEIGHTS_DIR, aggregate, class_probs, fallback_boxes, lesion_volumes
+
+TINY = {"in_ch": 5, "ch": 4, "feature_dim": 8, "affinity_dim": 8, "beta": 8, "hidden": 6, "n_blocks": 3}
+
+
+def test_head_forward_backward_and_affinity_formula():
+    torch.manual_seed(0)
+    head = AffinityHead(**TINY)
+    x = torch.randn(3, 8, 5, 28, 28, requires_grad=True)
+    logits = head(x)
+    assert logits.shape == (3, 3)
+    logits.sum().backward()
+    assert x.grad.abs().sum() > 0 and head.affinity_matrix.grad.abs().sum() > 0
+    # z = (W^T X)^T v computed here in float64 by the textbook order must match the head's path.
+    head.eval()
+    with torch.no_grad():
+        vectors = head.vectorise(head.refine(x.flatten(0, 1))).reshape(3, 8, -1).double()
+        w, v = head.affinity_matrix.double(), head.affinity_vector.double()
+        z = torch.stack([(w.T @ vectors[i]).T @ v for i in range(3)])
+        torch.testing.assert_close(head.classify(z.float()), head(x), rtol=1e-4, atol=1e-5)
+
+
+def test_head_rejects_bad_config_and_beta():
+    with pytest.raises(ValueError, match="affinity_dim"):
+        AffinityHead(**{**TINY, "affinity_dim": 12})
+    with pytest.raises(ValueError, match="8 RoIs"):
+        AffinityHead(**TINY)(torch.zeros(1, 4, 5, 28, 28))
+
+
+def test_select_rois_pads_by_repetition_and_falls_back():
+    boxes = [(0, 0, 1, 1), (1, 1, 2, 2), (2, 2, 3, 3)]
+    assert select_rois(boxes, [], 8) == [boxes[i % 3] for i in range(8)]
+    many = [(i, i, i + 1, i + 1) for i in range(10)]
+    assert select_rois(many, [], 8) == many[:8]
+    fallback = fallback_boxes(256)
+    assert select_rois([], fallback, 4) == [fallback[0], fallback[1], fallback[2], fallback[0]]
+    assert fallback[0] == (0.0, 0.0, 256.0, 256.0)
+
+
+def test_pool_rois_whole_map_of_constant_features():
+    features = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 3, 16, 16).contiguous()
+    pooled = pool_rois(features, [select_rois([], fallback_boxes(128), 8)] * 2, 1 / 8)
+    assert pooled.shape == (2, 8, 3, 28, 28)
+    torch.testing.assert_close(pooled[1], torch.ones(8, 3, 28, 28))
+    torch.testing.assert_close(pooled[0], torch.zeros(8, 3, 28, 28))
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    head = AffinityHead(**TINY).eval()
+    save_model(head, tmp_path / "a.safetensors", "affinity", TINY)
+    loaded = load_head(tmp_path / "a.safetensors")
+    x = torch.randn(2, 8, 5, 28, 28)
+    torch.testing.assert_close(loaded(x), head(x))
+    save_model(head, tmp_path / "b.safetensors", "unet", TINY)
+    with pytest.raises(ValueError, match="not an affinity head"):
+        load_head(tmp_path / "b.safetensors")
+
+
+def test_class_probs_and_aggregation_rule():
+    probs = class_probs(torch.tensor([[5.0, -5.0, -5.0], [0.0, 0.0, 0.0]]))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    assert probs[0].argmax() == 0 and np.allclose(probs[1], 1 / 3)
+    normal = np.tile([0.1, 0.1, 0.8], (40, 1))
+    assert aggregate(normal)["label"] == "normal"
+    # 5 abnormal of 40 slices reach max(3, 10 % of 40): the abnormal slices decide.
+    mixed = normal.copy()
+    mixed[:5] = [0.2, 0.7, 0.1]
+    result = aggregate(mixed)
+    assert result["label"] == "pneumonia" and result["abnormal_slices"] == 5
+    assert result["probs"]["pneumonia"] == pytest.approx(0.7)
+    mixed[:3] = [0.7, 0.2, 0.1]
+    assert aggregate(mixed)["label"] == "covid"
+    mixed[:] = normal
+    mixed[:3] = [0.7, 0.2, 0.1]
+    assert aggregate(mixed)["label"] == "normal"  # 3 of 40 slices < 10 %
+
+
+def test_lesion_volumes_counts_3d_components_inside_lung():
+    prob = np.zeros((6, 20, 20), np.float32)
+    lung = np.ones_like(prob, dtype=np.uint8)
+    prob[0:2, 0:5, 0:5] = 0.9  # 50 voxels
+    prob[4, 10:12, 10:12] = 0.7  # 4 voxels
+    lung[4] = 0  # ... outside the lung
+    volumes = lesion_volumes(prob, lung, (2.0, 1.0, 1.0))
+    assert volumes == [pytest.approx(0.1)]
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "affinity.safetensors").exists(), reason="affinity weights not installed")
+def test_diagnose_on_sample_volume():
+    from covfast.io import load_volume, sample_path
+    from covfast.pipeline.diagnosis import diagnose
+    from covfast.pipeline.lung import lung_mask
+
+    volume = load_volume(sample_path())
+    hu = volume.hu[30:40]
+    lung = lung_mask(volume.hu, volume.spacing_mm)[30:40]
+    prob = np.zeros(hu.shape, np.float32)
+    prob[:, 100:120, 60:80] = 0.9
+    result = diagnose(hu, lung, prob * (lung > 0), volume.spacing_mm)
+    assert len(result["slices"]) == int((lung.reshape(10, -1) > 0).any(axis=1).sum()) > 0
+    for entry in result["slices"]:
+        assert set(entry["class_probs"]) == {"covid", "pneumonia", "normal"}
+        assert sum(entry["class_probs"].values()) == pytest.approx(1.0)
+    assert result["diagnosis"]["label"] in ("covid", "pneumonia", "normal")
+    assert result["lesions"]["count"] == len(result["lesions"]["volumes_ml"]) >= 1
+    with pytest.raises(ValueError, match="one shape"):
+        diagnose(hu, lung[:5], prob, volume.spacing_mm)
