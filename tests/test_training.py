@@ -9,10 +9,12 @@ import torch
 
 from covfast.nn import build_model, save_model
 from training.augment import AugmentConfig, augment
-from training.data import cv_folds
+from training.check_volumes import slice_flag_scores
+from training.data import SliceSet, cv_folds
 from training.loops import OptimConfig, predict, train_inpainting, train_segmentation
 from training.losses import edge_target, multiclass_loss, structure_loss
-from training.recipes import init_from, load_recipe
+from training.negatives import clean_slices
+from training.recipes import _with_negatives, init_from, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "recipes").glob("*.json"))
 TINY_INFNET = {"in_ch": 1, "widths": [8, 8, 16, 16], "ch": 8, "ra_ch": 8}
@@ -156,3 +158,57 @@ def test_recipes_build(path):
     if recipe.get("init"):
         assert (path.parent / f"{recipe['init']['run']}.json").exists()
     json.dumps(recipe)
+
+
+def test_clean_slices_keep_a_gap_from_labelled_slices():
+    z = np.arange(10)
+    labels = np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0])
+    assert clean_slices(z, labels, 0).tolist() == (labels == 0).tolist()
+    assert np.flatnonzero(clean_slices(z, labels, 2)).tolist() == [0, 1, 8, 9]
+    assert clean_slices(z, np.zeros(10, int), 5).all()
+
+
+def test_with_negatives_weights_follow_the_mix():
+    labelled = SliceSet(
+        ["a", "b"], torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.ones(2, 1, 4, 4, dtype=torch.uint8)
+    )
+    clean = SliceSet(
+        ["n1", "n2", "n3", "n4"], torch.zeros(4, 1, 4, 4, dtype=torch.uint8), torch.zeros(4, 1, 4, 4, dtype=torch.uint8)
+    )
+    merged, weights = _with_negatives(labelled, {"ctmd": clean}, {"labelled": 0.6, "ctmd": 0.4})
+    assert merged.names == ["a", "b", "n1", "n2", "n3", "n4"]
+    assert merged.targets[:2].eq(255).all() and merged.targets[2:].eq(0).all()
+    assert weights[:2].sum() == pytest.approx(0.6) and weights[2:].sum() == pytest.approx(0.4)
+
+
+def test_train_segmentation_draws_only_weighted_slices():
+    torch.manual_seed(0)
+    images = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    targets = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    images[2:] = 200
+    targets[2:, :, 4:12, 4:12] = 1
+    model = build_model("infnet", **TINY_INFNET)
+    opt = OptimConfig(steps=25, batch=4, lr=3e-3, warmup=2, ckpt_every=100)
+    # Only the two slices with a lesion are drawn: the net must learn to mark it, never seeing the blank slices.
+    train_segmentation(
+        model,
+        images,
+        targets,
+        "infection",
+        opt,
+        None,
+        torch.device("cpu"),
+        0,
+        log_every=100,
+        sample_weights=torch.tensor([0.0, 0.0, 1.0, 1.0]),
+    )
+    prob = predict(model, images[2:], "infection")
+    assert prob[:, :, 6:10, 6:10].mean() > 0.5
+
+
+def test_slice_flag_scores_hand_computed():
+    area = np.array([0.0, 30.0, 150.0, 600.0, 10.0])
+    truth = np.array([False, False, True, True, True])
+    scores = slice_flag_scores(area, truth, 20.0)
+    assert scores == {"sensitivity": 2 / 3, "specificity": 0.5, "flagged": 3, "false_positive_slices": 1}
+    assert slice_flag_scores(area, np.zeros(5, bool), 100.0)["sensitivity"] is None

@@ -6,6 +6,7 @@ Examples:
     python -m training run training/recipes/infnet_aug.json --folds 0 --device cpu
     python -m training check-volumes --data ../shared/data/covid-ct-md --out runs/check_volumes
     python -m training check-volumes --weights runs/cpu/infnet_v2/weights --out runs/check_v2
+    python -m training score covfast/weights/infnet.safetensors --fold 0
     python -m training ship runs/infnet_erase --name infnet --task infection --train-command "..."
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 DEFAULT_DATA = "../shared/data/infnet-semiseg"
 
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument("--name", required=True, help="installed name: infnet or infnet_multiclass")
     ship.add_argument("--task", choices=("infection", "multiclass"), required=True)
     ship.add_argument("--train-command", required=True, help="the command that trained the run (kept in the card)")
+    score = sub.add_parser("score", help="score a single-class model file on one CV fold of the labelled slices")
+    score.add_argument("model", help="a .safetensors model file")
+    score.add_argument("--data", default=DEFAULT_DATA)
+    score.add_argument("--fold", type=int, default=0)
+    score.add_argument("--json", help="write the scores as JSON")
     check = sub.add_parser("check-volumes", help="check the HU mapping on the COVID-CT-MD volumes")
     check.add_argument("--data", default="../shared/data/covid-ct-md")
     check.add_argument("--out", default="runs/check_volumes")
@@ -60,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         areas = tuple(float(a) for a in args.areas.split(",") if a.strip())
         gates = tuple(float(g) for g in args.hu_gates.split(",") if g.strip())
         check_volumes(args.data, args.out, args.min_area_mm2, args.weights, areas, gates)
+        return 0
+    if args.command == "score":
+        import json
+
+        from training.recipes import score_fold
+
+        result = score_fold(args.model, args.data, args.fold)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: v["mean"] for k, v in result["summary"].items()}, indent=1))
         return 0
     if args.command == "ship":
         from training.ship import ship

@@ -62,6 +62,19 @@ def ctmd_crops(data: str | Path, case: str, size: int, cache_dir: str | Path | N
     return result
 
 
+def clean_slices(z: np.ndarray, labels: np.ndarray, gap: int) -> np.ndarray:
+    """[N] bool: slices labelled 0 that lie more than ``gap`` slices from every slice labelled 1.
+
+    Args:
+        z: [N] int slice indices.
+        labels: [N] per-slice labels (1 = infection marked).
+        gap: slices kept clear on each side of a labelled slice.
+    """
+    positive_z = z[labels == 1]
+    distance = np.abs(z[:, None] - positive_z[None, :]).min(axis=1, initial=np.iinfo(np.int64).max)
+    return (labels == 0) & (distance > gap)
+
+
 def load_negatives(spec: dict, semiseg: str | Path, size: int) -> dict[str, SliceSet]:
     """Negative slice groups named by a recipe's ``"negatives"`` entry.
 
@@ -83,9 +96,7 @@ def load_negatives(spec: dict, semiseg: str | Path, size: int) -> dict[str, Slic
         names, images = [], []
         for case in ctmd["cases"]:
             crops = ctmd_crops(ctmd["data"], case, size, ctmd.get("cache"))
-            positive_z = crops["z"][crops["labels"] == 1]
-            near = np.abs(crops["z"][:, None] - positive_z[None, :]).min(axis=1, initial=np.iinfo(np.int64).max)
-            keep = (crops["labels"] == 0) & (near > ctmd.get("gap", 0))
+            keep = clean_slices(crops["z"], crops["labels"], ctmd.get("gap", 0))
             names += [f"{case}_z{z}" for z in crops["z"][keep]]
             images.append(torch.from_numpy(crops["images"][keep]))
         images = torch.cat(images)

@@ -264,3 +264,23 @@ def run_recipe(
         raise ValueError(f"{path}: unknown recipe kind {recipe['kind']!r}")
     print(f"{recipe['name']}: done in {time.perf_counter() - t0:.0f}s on {dev}", flush=True)
     return result
+
+
+def score_fold(model_path: str | Path, data: str | Path, fold: int, size: int = 256, split_seed: int = 0) -> dict:
+    """Metrics of a single-class model file on one CV fold of the labelled slices (native size, as in ``cv.json``).
+
+    Returns:
+        ``{"model": path, "fold": k, "val": names, "summary": summarize(...), "per_image": [...]}``.
+    """
+    labelled = load_labelled(data, size, "infection")
+    val = labelled.subset(cv_folds(len(labelled.names), 5, split_seed)[fold])
+    per_image = score(
+        predict(load_model(model_path), val.images, "infection"), val.native_targets, val.names, "infection"
+    )
+    return {
+        "model": str(model_path),
+        "fold": fold,
+        "val": val.names,
+        "summary": summarize(per_image),
+        "per_image": per_image,
+    }
