@@ -125,6 +125,29 @@ def _summary_line(name: str, report: dict, out_dir: Path) -> str:
     )
 
 
+class _SliceProgress:
+    """Progress bar over the infection network's slices, created on the first report and closed after the input."""
+
+    def __init__(self, name: str, disable: bool):
+        self.name = name
+        self.disable = disable
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.disable:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{self.name}: infection", unit="slice", leave=False, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def cmd_infer(args) -> int:
     from tqdm import tqdm
 
@@ -145,6 +168,7 @@ def cmd_infer(args) -> int:
     bar = tqdm(inputs, desc="covfast", unit="volume", disable=args.quiet or len(inputs) < 2, file=sys.stderr)
     for path in bar:
         name = _output_name(path, taken)
+        slices = _SliceProgress(name, disable=args.quiet)
         try:
             result = infer(
                 path,
@@ -154,13 +178,16 @@ def cmd_infer(args) -> int:
                 device=device,
                 batch_size=args.batch_size,
                 preview=not args.no_preview,
+                progress=slices,
             )
         except CovfastError as exc:
+            slices.close()
             if len(inputs) == 1:
                 raise
             failures += 1
             tqdm.write(f"covfast: error: {exc}", file=sys.stderr)
             continue
+        slices.close()
         for note in result.report["notes"]:
             tqdm.write(f"covfast: note: {name}: {note}", file=sys.stderr)
         tqdm.write(_summary_line(name, result.report, out_root / name))

@@ -10,9 +10,12 @@ from covfast.errors import ModelNotInstalledError
 from covfast.pipeline.infection import (
     CROP_MARGIN,
     WEIGHTS_DIR,
+    gate_aerated,
     installed_models,
     lung_crop,
+    lung_slices,
     segment_infection,
+    slice_view,
     window_hu,
 )
 
@@ -44,6 +47,26 @@ def test_lung_crop_bounding_box_with_margin():
     assert (rows.start, rows.stop) == (20 - margin_r, 70 + margin_r)
     assert (cols.start, cols.stop) == (30 - margin_c, 40 + margin_c)
     assert lung_crop(np.zeros((5, 5), bool)) is None
+
+
+def test_lung_slices_and_slice_view_follow_the_lung():
+    hu, lung = _volume()
+    work = lung_slices(lung)
+    assert [z for z, _ in work] == [0, 1]
+    z, (rows, cols) = work[0]
+    view = slice_view(hu, z, (rows, cols))
+    # Transposed: the crop's columns (left-right) run down the view, as in the released training slices.
+    assert view.shape == (cols.stop - cols.start, rows.stop - rows.start) and view.flags.c_contiguous
+    assert np.array_equal(view, window_hu(hu[z, rows, cols]).T)
+
+
+def test_gate_aerated_zeroes_only_voxels_below_the_threshold():
+    prob = np.full((1, 2, 3), 0.9, np.float32)
+    hu = np.array([[[-1000, -801, -800], [-500, 40, -900]]], np.int16)
+    gated = gate_aerated(prob, hu, -800.0)
+    assert gated.dtype == np.float32
+    assert gated.tolist() == [[[0.0, 0.0, pytest.approx(0.9)], [pytest.approx(0.9), pytest.approx(0.9), 0.0]]]
+    assert gate_aerated(prob, hu, None) is prob
 
 
 def test_no_weights_raises(tmp_path):

@@ -16,7 +16,12 @@ from training.losses import edge_target, multiclass_loss, structure_loss
 from training.negatives import clean_slices
 from training.recipes import _with_negatives, init_from, load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "recipes").glob("*.json"))
+# Recipes of `python -m training run`; affinity*.json belong to training/affinity*.py and have their own format.
+RECIPES = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "training" / "recipes").glob("*.json")
+    if not p.stem.startswith("affinity")
+)
 TINY_INFNET = {"in_ch": 1, "widths": [8, 8, 16, 16], "ch": 8, "ra_ch": 8}
 TINY_RESUNET = {"in_ch": 1, "out_ch": 1, "widths": [8, 8, 16, 16], "blocks": 1}
 
