@@ -52,9 +52,8 @@ def infer(
     Returns:
         :class:`covfast.pipeline.run.Result`; ``result.report`` is what report.json holds.
     """
-    from covfast.pipeline.run import analyze, warm_up_ops
+    from covfast.pipeline.run import analyze
 
-    warm_up = warm_up_ops()
     timings: dict = {}
     start = time.perf_counter()
     volume = load(path_or_array, spacing, series)
@@ -72,7 +71,6 @@ def infer(
             from covfast.io import load_mask_like
 
             mask, mask_source = load_mask_like(str(infection_mask), volume), str(infection_mask)
-    warm_up.join()
     result = analyze(
         volume,
         infection_mask=mask,

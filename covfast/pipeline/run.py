@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,27 +148,6 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {device!r} (choose auto, cpu or cuda)")
     return device
-
-
-def warm_up_ops() -> threading.Thread:
-    """Start loading the op machinery in a background thread and return the thread.
-
-    The first call of any ``torch.library`` custom op imports ``torch._dynamo`` (about 1 s on a 2-core CPU). Done
-    while the volume is read and the lungs are segmented (I/O, decoding and much of numpy release the GIL), that
-    second overlaps the work instead of adding to it. Join the thread before the first op call.
-    """
-
-    def warm():
-        import torch
-
-        from covfast.ops import infection_ratio
-
-        empty = torch.zeros((0, 1, 1), dtype=torch.uint8)
-        infection_ratio(empty, empty, PROBABILITY_THRESHOLD)
-
-    thread = threading.Thread(target=warm, name="covfast-warm-ops", daemon=True)
-    thread.start()
-    return thread
 
 
 def _reduce(lung_mask: np.ndarray, infection: np.ndarray, threshold: float):
