@@ -217,3 +217,28 @@ def test_slice_flag_scores_hand_computed():
     scores = slice_flag_scores(area, truth, 20.0)
     assert scores == {"sensitivity": 2 / 3, "specificity": 0.5, "flagged": 3, "false_positive_slices": 1}
     assert slice_flag_scores(area, np.zeros(5, bool), 100.0)["sensitivity"] is None
+
+
+def test_ship_fold_model_writes_a_card_with_its_validation(tmp_path):
+    from covfast.nn import sha256_file
+    from training.ship import ship
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recipe = {"model": {"arch": "infnet", "config": TINY_INFNET}, "negatives": {"mix": {"labelled": 1.0}}}
+    save_model(build_model("infnet", **TINY_INFNET), run_dir / "fold0.safetensors", "infnet", TINY_INFNET)
+    from covfast.evaluate import METRICS
+
+    per_image = [
+        {"image": str(i), **dict.fromkeys(METRICS, 0.5), "dice": d, "present": True} for i, d in enumerate([0.6, 0.8])
+    ]
+    fold = {"recipe": recipe, "device": "cpu", "fold": 0, "seconds": 3.0, "val": ["0", "1"], "per_image": per_image}
+    (run_dir / "fold0.json").write_text(json.dumps(fold))
+    volumes = {"normal001": {"diagnosis": "Normal", "slice_flags": {"100.0": {"specificity": 0.9}}}}
+    (tmp_path / "volumes.json").write_text(json.dumps(volumes))
+    card = ship(run_dir, "infnet", "infection", "cmd", tmp_path / "weights", "fold0", tmp_path / "volumes.json")
+    assert card["sha256"] == sha256_file(tmp_path / "weights" / "infnet.safetensors")
+    assert json.loads((tmp_path / "weights" / "infnet.json").read_text()) == card
+    assert card["validation"]["metrics"]["dice"]["mean"] == pytest.approx(0.7)
+    assert card["validation"]["covid_ct_md_slice_flags"]["normal001"]["100.0"]["specificity"] == 0.9
+    assert "P001" in card["data"] and card["training"]["fit_seconds"] == 3.0

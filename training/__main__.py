@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument("--name", required=True, help="installed name: infnet or infnet_multiclass")
     ship.add_argument("--task", choices=("infection", "multiclass"), required=True)
     ship.add_argument("--train-command", required=True, help="the command that trained the run (kept in the card)")
+    ship.add_argument("--model", default="final", help="final (all labelled slices) or fold<k> (fold k held out)")
+    ship.add_argument("--volume-check", help="volumes.json of check-volumes for this model, kept in the card")
+    ship.add_argument("--dest", help="install into this folder instead of covfast/weights (to check a candidate)")
     score = sub.add_parser("score", help="score a single-class model file on one CV fold of the labelled slices")
     score.add_argument("model", help="a .safetensors model file")
     score.add_argument("--data", default=DEFAULT_DATA)
@@ -79,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v["mean"] for k, v in result["summary"].items()}, indent=1))
         return 0
     if args.command == "ship":
-        from training.ship import ship
+        from training.ship import WEIGHTS, ship
 
-        card = ship(args.run_dir, args.name, args.task, args.train_command)
+        dest = Path(args.dest) if args.dest else WEIGHTS
+        card = ship(args.run_dir, args.name, args.task, args.train_command, dest, args.model, args.volume_check)
         print(f"{card['name']}: {card['params']} parameters, sha256 {card['sha256']}")
         return 0
     from training.recipes import run_recipe

@@ -213,10 +213,13 @@ def run_segment(
         val_set = labelled.subset(val)
         probs = predict(model, all_images[val], task, None if priors is None else priors[val])
         per_image = score(probs, val_set.native_targets, val_set.names, task)
-        fold = {"fold": k, "model": note, "seconds": log.seconds, "val": val_set.names, "per_image": per_image}
-        meta = {"recipe": recipe, "device": str(device), **{k2: v for k2, v in fold.items() if k2 != "per_image"}}
-        _save(model, out_dir / f"fold{k}.safetensors", recipe, meta)
-        (out_dir / f"fold{k}.json").write_text(json.dumps(fold, indent=2))
+        fold = {"recipe": recipe, "device": str(device), "fold": k, "model": note, "seconds": log.seconds}
+        fold.update(val=val_set.names, per_image=per_image)
+        # fold<k>.json: the model's metadata (as for final.json) plus its per-slice validation scores.
+        sha = save_model(
+            model, out_dir / f"fold{k}.safetensors", recipe["model"]["arch"], recipe["model"].get("config", {})
+        )
+        (out_dir / f"fold{k}.json").write_text(json.dumps({**fold, "sha256": sha}, indent=2))
         print(f"{recipe['name']} fold {k}: {log.seconds:.0f}s", flush=True)
     fold_files = sorted(out_dir.glob("fold[0-9].json"))
     if len(fold_files) == 5:
