@@ -18,6 +18,7 @@ zero volume, so the output has the input's full grid.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -110,6 +111,20 @@ def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str |
             raise ModelNotInstalledError(f"{card['file']}: SHA-256 differs from its model card; reinstall covfast")
         models[name] = LoadedModel(load_model(card["file"], device), card)
     return models
+
+
+def _cards_key(weights_dir) -> tuple:
+    """What identifies the installed weights: each model card's name and SHA-256."""
+    return tuple(sorted((card["name"], card["sha256"]) for card in installed_models(weights_dir)))
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_models(device: str, multiclass: bool, weights_dir: str, cards_key: tuple) -> dict:
+    """:func:`load_models`, loaded once per process for inference: `covfast infer` over many volumes reuses the
+    networks instead of reading and hashing the weights for each input. ``cards_key`` makes newly installed weights
+    load afresh. The models are only used under ``torch.no_grad`` and never modified."""
+    del cards_key
+    return load_models(device, multiclass, weights_dir)
 
 
 @torch.no_grad()
@@ -246,7 +261,7 @@ def segment_infection(
     if hu.ndim != 3 or hu.shape != lung.shape:
         raise ValueError(f"hu and lung must be [D, H, W] of one shape; got {hu.shape} and {lung.shape}")
     t0 = time.perf_counter()
-    models = load_models(device, multiclass, weights_dir)
+    models = _shared_models(device, multiclass, str(weights_dir), _cards_key(weights_dir))
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
     prob = np.zeros(hu.shape, np.float32)
