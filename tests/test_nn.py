@@ -10,10 +10,18 @@ from covfast.nn import InfNet, InfNetOutput, ResUNet, UNet, build_model, count_p
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "infnet-semiseg"
 LABELLED = DATA / "TrainingSet" / "LungInfection-Train" / "Doctor-label"
+MULTICLASS = DATA / "TrainingSet" / "MultiClassInfection-Train"
 WEIGHTS = Path(__file__).resolve().parents[1] / "covfast" / "weights" / "infnet.safetensors"
+MULTICLASS_WEIGHTS = WEIGHTS.with_name("infnet_multiclass.safetensors")
 
 # Shipped infnet on labelled slice 2.jpg (measured once with the committed weights, CPU, reference ops).
 GOLDEN = {"mean_prob": 0.007384, "dice": 0.8260, "mae": 0.003936}
+# Shipped infnet + infnet_multiclass on labelled slice 3.jpg (GGO and consolidation both present), measured likewise.
+GOLDEN_MULTICLASS = {
+    "mean_class_prob": (0.727741, 0.151486, 0.120773),
+    "ggo": {"dice": 0.7018, "mae": 0.111944},
+    "consolidation": {"dice": 0.7149, "mae": 0.080544},
+}
 
 TINY = {
     "infnet": ({"in_ch": 1, "widths": (8, 8, 16, 16), "ch": 8, "ra_ch": 8}, 1),
@@ -99,3 +107,25 @@ def test_golden_output_on_real_slice():
     assert float(prob.mean()) == pytest.approx(GOLDEN["mean_prob"], abs=2e-4)
     assert metrics["dice"] == pytest.approx(GOLDEN["dice"], abs=2e-3)
     assert metrics["mae"] == pytest.approx(GOLDEN["mae"], abs=2e-4)
+
+
+@pytest.mark.skipif(
+    not (MULTICLASS.exists() and MULTICLASS_WEIGHTS.exists()), reason="needs ../shared/data and shipped weights"
+)
+def test_golden_multiclass_output_on_real_slice():
+    from PIL import Image
+
+    from covfast.evaluate import multiclass_metrics
+    from covfast.pipeline.infection import load_models, predict_slices
+
+    image = np.asarray(Image.open(MULTICLASS / "Imgs" / "3.jpg").convert("L"))
+    truth = np.asarray(Image.open(MULTICLASS / "GT" / "3.png"))
+    _, class_prob = predict_slices(load_models("cpu"), image[None])
+    # Expected values measured with the committed weights (sha256 in covfast/weights/infnet*.json).
+    assert class_prob.shape == (1, 3, *image.shape)
+    np.testing.assert_allclose(class_prob[0].mean(axis=(1, 2)), GOLDEN_MULTICLASS["mean_class_prob"], atol=5e-4)
+    metrics = multiclass_metrics(class_prob[0], truth)
+    for name in ("ggo", "consolidation"):
+        assert metrics[name]["present"]
+        assert metrics[name]["dice"] == pytest.approx(GOLDEN_MULTICLASS[name]["dice"], abs=2e-3)
+        assert metrics[name]["mae"] == pytest.approx(GOLDEN_MULTICLASS[name]["mae"], abs=5e-4)

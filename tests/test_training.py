@@ -242,3 +242,48 @@ def test_ship_fold_model_writes_a_card_with_its_validation(tmp_path):
     assert card["validation"]["metrics"]["dice"]["mean"] == pytest.approx(0.7)
     assert card["validation"]["covid_ct_md_slice_flags"]["normal001"]["100.0"]["specificity"] == 0.9
     assert "P001" in card["data"] and card["training"]["fit_seconds"] == 3.0
+
+
+def test_fold_summary_pools_multiclass_folds(tmp_path):
+    from covfast.evaluate import METRICS
+    from training.ship import fold_summary
+
+    def image(name, ggo_dice, consolidation_present):
+        ggo = {**dict.fromkeys(METRICS, 0.5), "dice": ggo_dice, "present": True}
+        consolidation = {**dict.fromkeys(METRICS, 0.5), "dice": 0.2, "present": consolidation_present}
+        return {"image": name, "ggo": ggo, "consolidation": consolidation}
+
+    assert fold_summary(tmp_path, "multiclass") is None
+    for k, per_image in ((0, [image("a", 0.4, True)]), (2, [image("b", 0.6, False), image("c", 0.8, False)])):
+        fold = {"fold": k, "seconds": 10.0, "model": "resunet", "per_image": per_image}
+        (tmp_path / f"fold{k}.json").write_text(json.dumps(fold))
+    pooled = fold_summary(tmp_path, "multiclass")
+    assert pooled["folds"] == [0, 2] and pooled["slices"] == 3 and pooled["seconds"] == 20.0
+    assert pooled["metrics"]["ggo"]["dice"]["mean"] == pytest.approx(0.6)
+    assert pooled["metrics"]["consolidation"]["dice_present"]["n"] == 1
+
+
+def test_class_areas_inside_the_lungs():
+    from training.check_volumes import _class_areas
+
+    classes = np.array([[[0, 1, 1, 2], [2, 2, 0, 1]]], np.uint8)
+    lung = np.array([[[1, 1, 1, 1], [1, 1, 1, 0]]], np.uint8)
+    areas = _class_areas(classes, lung, 0.5)
+    assert areas == {"ggo_mm2": 1.0, "consolidation_mm2": 1.5, "consolidation_share": pytest.approx(0.6)}
+    assert _class_areas(None, lung, 0.5) == {}
+
+
+def test_ship_final_without_cv_names_its_prior_and_cv_runs(tmp_path):
+    from training.ship import ship
+
+    config = {**TINY_RESUNET, "in_ch": 2, "out_ch": 3}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recipe = {"model": {"arch": "resunet", "config": config}, "prior": {"run": "infnet_v2_shipped"}}
+    save_model(build_model("resunet", **config), run_dir / "final.safetensors", "resunet", config)
+    (run_dir / "final.json").write_text(json.dumps({"recipe": recipe, "device": "cpu", "final_seconds": 5.0}))
+    card = ship(run_dir, "infnet_multiclass", "multiclass", "cmd", tmp_path / "weights", cv_runs=(run_dir,))
+    assert card["validation"]["metrics"] is None and "no complete" in card["validation"]["protocol"]
+    assert card["validation"]["cv_runs"] == [None]
+    assert "Second input channel" in card["data"] and "pretraining" not in card["data"]
+    assert card["input"]["channels"] == 2 and card["training"]["fit_seconds"] == 5.0

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument("--train-command", required=True, help="the command that trained the run (kept in the card)")
     ship.add_argument("--model", default="final", help="final (all labelled slices) or fold<k> (fold k held out)")
     ship.add_argument("--volume-check", help="volumes.json of check-volumes for this model, kept in the card")
+    ship.add_argument(
+        "--cv-run", action="append", default=[], help="run folder whose fold<k>.json scores go into the card (repeat)"
+    )
     ship.add_argument("--dest", help="install into this folder instead of covfast/weights (to check a candidate)")
     score = sub.add_parser("score", help="score a single-class model file on one CV fold of the labelled slices")
     score.add_argument("model", help="a .safetensors model file")
@@ -85,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         from training.ship import WEIGHTS, ship
 
         dest = Path(args.dest) if args.dest else WEIGHTS
-        card = ship(args.run_dir, args.name, args.task, args.train_command, dest, args.model, args.volume_check)
+        card = ship(
+            args.run_dir, args.name, args.task, args.train_command, dest, args.model, args.volume_check, args.cv_run
+        )
         print(f"{card['name']}: {card['params']} parameters, sha256 {card['sha256']}")
         return 0
     from training.recipes import run_recipe

@@ -16,8 +16,13 @@ import numpy as np
 
 from covfast.nn.preprocess import PIXEL_MEAN
 
+# Class 1 (GGO) yellow, class 2 (consolidation) red in the multi-class overlays.
+LESION_COLOURS = "autumn_r"
 
-def _montage(hu, lung, prob, labels, path: Path, n: int = 8) -> None:
+
+def _montage(hu, lung, prob, labels, path: Path, n: int = 8, classes=None) -> None:
+    """Overlay montage of ``n`` lung slices: p >= 0.5 in orange, or with ``classes`` GGO yellow and
+    consolidation red, so the two lesion types can be told apart by eye."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +36,10 @@ def _montage(hu, lung, prob, labels, path: Path, n: int = 8) -> None:
     for ax, z in zip(axes, picks):
         ax.imshow(window_hu(hu[z]), cmap="gray")
         ax.contour(lung[z] > 0, levels=[0.5], colors="cyan", linewidths=0.5)
-        ax.imshow(np.ma.masked_less(prob[z], 0.5), cmap="autumn", alpha=0.5, vmin=0, vmax=1)
+        if classes is None:
+            ax.imshow(np.ma.masked_less(prob[z], 0.5), cmap="autumn", alpha=0.5, vmin=0, vmax=1)
+        else:
+            ax.imshow(np.ma.masked_equal(classes[z], 0), cmap=LESION_COLOURS, alpha=0.6, vmin=1, vmax=2)
         ax.set_title(f"z{z} label {labels[z]}", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
@@ -58,6 +66,19 @@ def slice_flag_scores(area_mm2: np.ndarray, truth: np.ndarray, min_area_mm2: flo
         "specificity": float((~flags & ~truth).sum() / (~truth).sum()) if (~truth).any() else None,
         "flagged": int(flags.sum()),
         "false_positive_slices": fp,
+    }
+
+
+def _class_areas(classes: np.ndarray | None, lung: np.ndarray, pixel_mm2: float) -> dict:
+    """GGO and consolidation area inside the lungs (mm^2 over the volume) from the multi-class map, if any."""
+    if classes is None:
+        return {}
+    inside = classes[lung > 0]
+    ggo, consolidation = (float((inside == c).sum() * pixel_mm2) for c in (1, 2))
+    return {
+        "ggo_mm2": round(ggo, 1),
+        "consolidation_mm2": round(consolidation, 1),
+        "consolidation_share": consolidation / (ggo + consolidation) if ggo + consolidation else None,
     }
 
 
@@ -118,13 +139,14 @@ def check_volumes(
                 }
                 for gate in hu_gates
             },
+            **_class_areas(result.classes, lung, pixel_mm2),
             "mapped_input_mean": float(np.mean([c.mean() for c in crops]) / 255.0),
             "training_input_mean": PIXEL_MEAN,
             "seconds": result.timings,
             "infected_area_mm2": [round(float(a), 1) for a in area],
             "labels": truth.astype(int).tolist(),
         }
-        _montage(volume.hu, lung, result.prob, truth.astype(int), out / f"{case}_overlay.png")
+        _montage(volume.hu, lung, result.prob, truth.astype(int), out / f"{case}_overlay.png", classes=result.classes)
         print(case, {k: v for k, v in summary[case].items() if k not in ("infected_area_mm2", "labels")}, flush=True)
         np.savez_compressed(out / f"{case}_prob.npz", prob=(result.prob * 255).round().astype(np.uint8))
     (out / "volumes.json").write_text(json.dumps(summary, indent=2))

@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from covfast.evaluate import CLASS_NAMES, summarize
+from covfast.evaluate import summarize
 from covfast.nn import build_model, count_parameters, load_model, save_model
 from training.augment import AugmentConfig
 from training.data import SliceSet, cv_folds, load_labelled, load_unlabelled
 from training.loops import OptimConfig, predict, score, train_inpainting, train_segmentation
 from training.negatives import load_negatives
+from training.ship import fold_summary
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -221,15 +222,9 @@ def run_segment(
         )
         (out_dir / f"fold{k}.json").write_text(json.dumps({**fold, "sha256": sha}, indent=2))
         print(f"{recipe['name']} fold {k}: {log.seconds:.0f}s", flush=True)
-    fold_files = sorted(out_dir.glob("fold[0-9].json"))
-    if len(fold_files) == 5:
-        per_image = [m for f in fold_files for m in json.loads(f.read_text())["per_image"]]
-        seconds = sum(json.loads(f.read_text())["seconds"] for f in fold_files)
-        if task == "infection":
-            summary["cv"] = summarize(per_image)
-        else:
-            summary["cv"] = {name: summarize([m[name] for m in per_image]) for name in CLASS_NAMES.values()}
-        summary["cv_seconds"] = seconds
+    pooled = fold_summary(out_dir, task)
+    if pooled is not None and len(pooled["folds"]) == 5:
+        summary.update(cv=pooled["metrics"], cv_seconds=pooled["seconds"])
         (out_dir / "cv.json").write_text(json.dumps(summary, indent=2))
     if final:
         priors = _priors(recipe, runs, "final.safetensors", all_images)

@@ -9,14 +9,16 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from covfast.evaluate import summarize
+from covfast.evaluate import CLASS_NAMES, summarize
 from covfast.nn import count_parameters, load_model, sha256_file
 from covfast.nn.preprocess import INPUT_SIZE
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "covfast" / "weights"
-DATA_NOTE = (
-    "COVID-SemiSeg (Fan et al., Inf-Net, IEEE TMI 2020): the 50 doctor-labelled MedSeg slices for supervision; "
-    "the 1,600 unlabelled Zenodo slices (images only) for self-supervised pretraining."
+DATA_NOTE = "COVID-SemiSeg (Fan et al., Inf-Net, IEEE TMI 2020): the 50 doctor-labelled MedSeg slices for supervision"
+PRETRAIN_NOTE = "; the 1,600 unlabelled Zenodo slices (images only) for self-supervised pretraining (via recipe.init)"
+PRIOR_NOTE = (
+    " Second input channel: the probability map of the single-class model of recipe.prior.run, as the installed "
+    "infnet model supplies it at inference."
 )
 NEGATIVES_NOTE = (
     "Specificity fine-tune (recipe.negatives): COVID-CT-MD P001 slices labelled infection-free (more than "
@@ -33,9 +35,44 @@ def forward_flops(model: torch.nn.Module, in_ch: int, size: int = INPUT_SIZE) ->
     return int(counter.get_total_flops())
 
 
-def _validation(run_dir: Path, model: str, volume_check: str | Path | None) -> dict:
+def fold_summary(run_dir: str | Path, task: str) -> dict | None:
+    """Pooled out-of-fold scores of the ``fold<k>.json`` files a run folder holds (any subset of the 5 folds).
+
+    Args:
+        run_dir: a run folder of :func:`training.recipes.run_segment`.
+        task: "infection" (one summary) or "multiclass" (one summary per lesion class).
+
+    Returns:
+        ``{"run", "folds", "slices", "seconds", "model", "recipe", "metrics"}`` (``model`` as the fold run noted
+        it: its architecture and init; ``recipe`` None for runs that did not record it), or None when the folder
+        holds no fold results.
+    """
+    files = sorted(Path(run_dir).glob("fold[0-9].json"))
+    if not files:
+        return None
+    folds = [json.loads(f.read_text()) for f in files]
+    per_image = [m for fold in folds for m in fold["per_image"]]
+    if task == "multiclass":
+        metrics = {name: summarize([m[name] for m in per_image]) for name in CLASS_NAMES.values()}
+    else:
+        metrics = summarize(per_image)
+    return {
+        "run": str(run_dir),
+        "folds": [fold["fold"] for fold in folds],
+        "slices": len(per_image),
+        "seconds": sum(fold["seconds"] for fold in folds),
+        "model": folds[0].get("model"),
+        "recipe": folds[0].get("recipe"),
+        "metrics": metrics,
+    }
+
+
+def _validation(
+    run_dir: Path, model: str, volume_check: str | Path | None, task: str = "infection", cv_runs: tuple = ()
+) -> dict:
     """The card's validation block: 5-fold CV (``cv.json``) for a final fit, the held-out fold for a fold model,
-    plus the per-case slice flags of a ``check-volumes`` summary when given."""
+    the pooled folds of each of ``cv_runs`` (e.g. an earlier run of the recipe), plus the per-case slice flags of a
+    ``check-volumes`` summary when given."""
     if model.startswith("fold"):
         fold = json.loads((run_dir / f"{model}.json").read_text())
         validation = {
@@ -46,12 +83,17 @@ def _validation(run_dir: Path, model: str, volume_check: str | Path | None) -> d
         }
     else:
         cv_path = run_dir / "cv.json"
-        cv = json.loads(cv_path.read_text()) if cv_path.exists() else {}
-        validation = {
-            "protocol": "5-fold cross-validation over the 50 labelled slices (split by slice: no patient IDs)",
-            "metrics": cv.get("cv"),
-            "cv_seconds": cv.get("cv_seconds"),
-        }
+        if cv_path.exists():
+            cv = json.loads(cv_path.read_text())
+            validation = {
+                "protocol": "5-fold cross-validation over the 50 labelled slices (split by slice: no patient IDs)",
+                "metrics": cv.get("cv"),
+                "cv_seconds": cv.get("cv_seconds"),
+            }
+        else:
+            validation = {"protocol": "no complete 5-fold cross-validation of this run; see cv_runs", "metrics": None}
+    if cv_runs:
+        validation["cv_runs"] = [fold_summary(run, task) for run in cv_runs]
     if volume_check is not None:
         summary = json.loads(Path(volume_check).read_text())
         validation["covid_ct_md_slice_flags"] = {
@@ -70,6 +112,7 @@ def ship(
     weights_dir: Path = WEIGHTS,
     model: str = "final",
     volume_check: str | Path | None = None,
+    cv_runs: tuple[str | Path, ...] = (),
 ) -> dict:
     """Copy ``run_dir/<model>.safetensors`` to ``weights_dir/<name>.safetensors`` and write ``<name>.json``.
 
@@ -82,6 +125,8 @@ def ship(
         weights_dir: destination folder.
         model: "final" (fit on all labelled slices) or "fold<k>" (fit without CV fold k, scored on it).
         volume_check: optional ``volumes.json`` of ``python -m training check-volumes`` for this model.
+        cv_runs: run folders whose ``fold<k>.json`` results are pooled into the card (:func:`fold_summary`), for
+            a final fit validated by cross-validation runs made elsewhere or with a partly different recipe.
 
     Returns:
         the model card.
@@ -94,7 +139,9 @@ def ship(
     weights_dir.mkdir(parents=True, exist_ok=True)
     dest = weights_dir / f"{name}.safetensors"
     shutil.copyfile(run_dir / f"{model}.safetensors", dest)
-    data_note = DATA_NOTE
+    data_note = DATA_NOTE + (PRETRAIN_NOTE if final["recipe"].get("init") else "") + "."
+    if final["recipe"].get("prior"):
+        data_note += PRIOR_NOTE
     if final["recipe"].get("negatives"):
         data_note += " " + NEGATIVES_NOTE
     card = {
@@ -108,7 +155,7 @@ def ship(
         "recipe": final["recipe"],
         "command": command,
         "training": {"device": final.get("device"), "fit_seconds": final.get("final_seconds", final.get("seconds"))},
-        "validation": _validation(run_dir, model, volume_check),
+        "validation": _validation(run_dir, model, volume_check, task, cv_runs),
         "sha256": sha256_file(dest),
     }
     (weights_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
