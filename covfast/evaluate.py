@@ -153,7 +153,8 @@ def evaluate_slices(images_dir, masks_dir, task: str = "infection", json_path=No
         images_dir: folder of 8-bit grey slices (JPG/PNG) laid out like COVID-SemiSeg ``Imgs``.
         masks_dir: folder of PNG masks with the images' names: 0/255 for ``infection``, palette 0/1/2 for
             ``multiclass``.
-        task: "infection" (single-class model) or "multiclass" (GGO / consolidation model with its prior).
+        task: "infection" (single-class model), "multiclass" (GGO / consolidation model with its prior) or
+            "instances" (lesion instances, COCO-style AP; see :func:`covfast.instances.evaluate_instances`).
         json_path: optional file to write the result to as JSON.
         device: torch device for the models.
 
@@ -165,8 +166,12 @@ def evaluate_slices(images_dir, masks_dir, task: str = "infection", json_path=No
     from covfast.errors import ModelNotInstalledError, UsageError
     from covfast.pipeline.infection import MULTI_CLASS, load_models, predict_slices
 
+    if task == "instances":
+        from covfast.instances import evaluate_instances
+
+        return evaluate_instances(images_dir, masks_dir, json_path, device)
     if task not in ("infection", "multiclass"):
-        raise UsageError(f"unknown task {task!r}; use infection or multiclass")
+        raise UsageError(f"unknown task {task!r}; use infection, multiclass or instances")
     pairs = _pairs(Path(images_dir), Path(masks_dir))
     models = load_models(device, multiclass=task == "multiclass")
     if task == "multiclass" and MULTI_CLASS not in models:

@@ -58,9 +58,7 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
 
 
-def extract_instances(
-    prob: np.ndarray, threshold: float = PROB_THRESHOLD, min_area: int = MIN_AREA
-) -> list[Instance]:
+def extract_instances(prob: np.ndarray, threshold: float = PROB_THRESHOLD, min_area: int = MIN_AREA) -> list[Instance]:
     """Lesion instances of one slice, highest score first.
 
     Args:
@@ -159,8 +157,14 @@ def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu
         gt = truth_instances(truth)
         ap = slice_ap(pred, gt)
         per_image.append(
-            {"image": image_path.name, "n_truth": len(gt), "n_pred": len(pred), "ap50": float(ap[0]),
-             "ap75": float(ap[5]), "map": float(ap.mean())}
+            {
+                "image": image_path.name,
+                "n_truth": len(gt),
+                "n_pred": len(pred),
+                "ap50": float(ap[0]),
+                "ap75": float(ap[5]),
+                "map": float(ap.mean()),
+            }
         )
     result = {"task": "instances", "n_images": len(per_image), "models": [m.card for m in models.values()]}
     for key in ("ap50", "ap75", "map"):

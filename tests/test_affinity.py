@@ -114,3 +114,36 @@ def test_diagnose_on_sample_volume():
     assert result["lesions"]["count"] == len(result["lesions"]["volumes_ml"]) >= 1
     with pytest.raises(ValueError, match="one shape"):
         diagnose(hu, lung[:5], prob, volume.spacing_mm)
+
+
+def test_pool_rois_matches_roi_align_on_every_box():
+    from covfast.ops import roi_align
+
+    torch.manual_seed(2)
+    features = torch.randn(2, 3, 16, 16)
+    rois = [
+        select_rois([(8.0, 16.0, 60.0, 100.0), (0.0, 0.0, 30.0, 20.0)], [], 8),
+        select_rois([], fallback_boxes(128), 8),
+    ]
+    table = torch.tensor([(b, *box) for b, boxes in enumerate(rois) for box in boxes], dtype=torch.float32)
+    expected = roi_align(features, table, 28, 1 / 8, sampling_ratio=2, aligned=True).reshape(2, 8, 3, 28, 28)
+    torch.testing.assert_close(pool_rois(features, rois, 1 / 8), expected)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "affinity.safetensors").exists(), reason="affinity weights not installed")
+def test_diagnose_refuses_a_head_trained_on_another_infnet(tmp_path):
+    import json
+    import shutil
+
+    from covfast.errors import ModelNotInstalledError
+    from covfast.pipeline.diagnosis import diagnose
+
+    for name in ("infnet", "affinity"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(WEIGHTS_DIR / f"{name}{suffix}", tmp_path)
+    card = json.loads((tmp_path / "affinity.json").read_text())
+    card["backbone"] = {"name": "infnet", "sha256": "0" * 64}
+    (tmp_path / "affinity.json").write_text(json.dumps(card))
+    volume = np.zeros((2, 8, 8), np.int16)
+    with pytest.raises(ModelNotInstalledError, match="trained on the features"):
+        diagnose(volume, volume.astype(np.uint8), volume.astype(np.float32), (1.0, 1.0, 1.0), weights_dir=tmp_path)

@@ -138,3 +138,33 @@ def test_info_lists_backends(capsys):
     assert info["devices"][0]["type"] == "cpu"
     assert main(["info"]) == 0
     assert "backends:" in capsys.readouterr().out
+
+
+def test_infer_sample_with_shipped_models(sample, tmp_path):
+    """The default path: shipped Inf-Net (single + multi-class) and the Affinity model on the sample volume."""
+    from covfast.pipeline.infection import installed_models
+
+    names = {card["name"] for card in installed_models()}
+    if not {"infnet", "infnet_multiclass", "affinity"} <= names:
+        pytest.skip(f"shipped weights missing: {names}")
+    out = tmp_path / "out"
+    assert main(["infer", str(sample_path()), "-o", str(out), "--device", "cpu", "-q", "--no-preview"]) == 0
+    folder = out / "sample_ct"
+    report = json.loads((folder / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["infnet", "infnet_multiclass", "affinity"]
+    infected = report["infected_volume_ml"]
+    assert infected["total"] == pytest.approx(infected["ggo"] + infected["consolidation"])
+    assert infected["total"] > 1.0  # P001 is a COVID-19 case with visible lesions
+    assert report["severity"]["ct_class"] in {"CT1", "CT2", "CT3", "CT4"}
+    assert report["diagnosis"]["label"] in {"covid", "pneumonia", "normal"}
+    assert sum(report["diagnosis"]["probs"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert "held-out volumes" in report["diagnosis"]["validation"]
+    assert report["lesions"]["count"] == len(report["lesions"]["volumes_ml"]) > 0
+    lung_slices = [s for s in report["slices"] if s["lung_area_mm2"] > 0]
+    assert all(sum(s["class_probs"].values()) == pytest.approx(1.0, abs=1e-3) for s in lung_slices)
+    infection = sample.from_source(np.asarray(nib.load(str(folder / "infection_mask.nii.gz")).dataobj))
+    lung = sample.from_source(np.asarray(nib.load(str(folder / "lung_mask.nii.gz")).dataobj))
+    assert set(np.unique(infection)) <= {0, 1, 2}
+    assert not infection[lung == 0].any()
+    voxel_ml = float(np.prod(sample.spacing_mm)) / 1000
+    assert (infection == 2).sum() * voxel_ml == pytest.approx(infected["consolidation"])

@@ -16,7 +16,9 @@ from covfast.instances import (
     truth_instances,
 )
 
-SEMISEG = Path(__file__).resolve().parents[2] / "shared/data/infnet-semiseg/TrainingSet/LungInfection-Train/Doctor-label"
+SEMISEG = (
+    Path(__file__).resolve().parents[2] / "shared/data/infnet-semiseg/TrainingSet/LungInfection-Train/Doctor-label"
+)
 
 
 def _square(shape, r0, c0, side):

@@ -268,8 +268,13 @@ def lopo(out: Path, recipe: dict) -> dict:
 
 
 def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
-    """Train on every cached slice; with ``ship`` write covfast/weights/affinity.{safetensors,json}."""
+    """Train on every cached slice; with ``ship`` write covfast/weights/affinity.{safetensors,json}.
+
+    The card records the SHA-256 of the installed infnet, whose backbone made the cached features: run ``cache`` and
+    ``final`` with the same infnet installed (the diagnosis stage refuses a head trained on another one).
+    """
     from covfast.nn import count_parameters, save_model
+    from covfast.pipeline.infection import SINGLE_CLASS
 
     feats, rows = load_cache(out)
     t0 = time.perf_counter()
@@ -286,6 +291,7 @@ def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
         "input": "RoI features of the shipped infnet backbone (stage 2 + infection probability, 65 x 28 x 28, "
         "beta RoIs per slice); see covfast/pipeline/diagnosis.py",
         "classes": list(CLASSES),
+        "backbone": {"name": SINGLE_CLASS, "sha256": _infnet("cpu").card["sha256"]},
         "data": {src: sum(r["source"] == src for r in rows) for src in sorted({r["source"] for r in rows})},
         "recipe": recipe,
         "command": f"python -m training.affinity cache --data ../shared/data --out {out} && python -m training.affinity "

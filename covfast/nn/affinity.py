@@ -113,10 +113,13 @@ def pool_rois(features: torch.Tensor, rois: list[list[tuple]], spatial_scale: fl
         rois: per image, ``beta`` boxes (x1, y1, x2, y2) in input pixels.
         spatial_scale: feature pixels per input pixel.
     """
-    table = torch.tensor(
-        [(b, *box) for b, boxes in enumerate(rois) for box in boxes], dtype=features.dtype, device=features.device
-    ).reshape(-1, 5)
-    pooled = ops.roi_align(features, table, ROI_SIZE, spatial_scale, sampling_ratio=2, aligned=True)
+    table = [(float(b), *map(float, box)) for b, boxes in enumerate(rois) for box in boxes]
+    # Padding repeats boxes: pool each distinct (image, box) once and gather the copies.
+    unique = list(dict.fromkeys(table))
+    where = {row: i for i, row in enumerate(unique)}
+    distinct = torch.tensor(unique, dtype=features.dtype, device=features.device).reshape(-1, 5)
+    pooled = ops.roi_align(features, distinct, ROI_SIZE, spatial_scale, sampling_ratio=2, aligned=True)
+    pooled = pooled[torch.tensor([where[row] for row in table], device=features.device, dtype=torch.long)]
     return pooled.reshape(len(rois), -1, *pooled.shape[1:])
 
 

@@ -5,13 +5,12 @@ feeds the mask features of its top RoIs to the affinity head. Here the lesion pr
 shipped Inf-Net instead (:func:`covfast.instances.extract_instances` on its probability), and the RoI features are
 pooled from the Inf-Net's own backbone, because:
 
-* accuracy: the only lesion masks we have are 50 labelled slices, on which the Inf-Net already was trained with
-  deep supervision and self-supervised pretraining; a second detector trained from scratch on the same 50 slices
-  (with RPN, box and class heads on top) would propose lesions no better, and its errors would differ from the
-  infection mask that the report quantifies, so counted instances and infected volume would disagree;
-* speed: the shared path adds only the first two backbone stages (about 0.3 GFLOP per 256 x 256 slice) and the
-  head; a Mask R-CNN would add a full second network per slice on a CPU that already spends most of the run in
-  the Inf-Net.
+* accuracy: the only lesion masks we have are the 50 labelled slices on which the Inf-Net was already trained
+  (with deep supervision and self-supervised pretraining); a second detector trained from scratch on the same 50
+  slices has less to learn from per head (RPN, box, class and mask heads), and its instances would disagree with
+  the infection mask that the report quantifies;
+* speed: the shared path adds only the first two backbone stages (about 0.44 G multiply-adds per 256 x 256 slice)
+  and the head, where a Mask R-CNN would add a second full network per slice on a CPU.
 
 RoI features: stage-2 backbone features (64 channels, stride 8) with the infection probability (average-pooled to
 stride 8) as a 65th channel, so each RoI carries the lesion's mask as the paper's mask features do; pooled to
@@ -139,8 +138,12 @@ def aggregate(slice_probs: np.ndarray) -> dict:
         mean = deciding.mean(axis=0)
         label = "covid" if mean[CLASSES.index("covid")] >= mean[CLASSES.index("pneumonia")] else "pneumonia"
     mean = deciding.mean(axis=0) if len(deciding) else np.full(3, np.nan)
-    return {"label": label, "probs": {name: float(mean[i]) for i, name in enumerate(CLASSES)}, "rule": RULE,
-            "abnormal_slices": int(abnormal.sum())}
+    return {
+        "label": label,
+        "probs": {name: float(mean[i]) for i, name in enumerate(CLASSES)},
+        "rule": RULE,
+        "abnormal_slices": int(abnormal.sum()),
+    }
 
 
 def lesion_volumes(infection_prob: np.ndarray, lung: np.ndarray, spacing_mm) -> list[float]:
@@ -199,7 +202,7 @@ def diagnose(
         ``slices`` lists only slices with lung, ``lesions`` per slice counts the 2D instances on the view.
 
     Raises:
-        ModelNotInstalledError: no Inf-Net or no affinity weights installed.
+        ModelNotInstalledError: no Inf-Net or no affinity weights installed, or a head trained on another Inf-Net.
         ValueError: the arrays are not 3D of one shape.
     """
     from covfast.nn.preprocess import to_input
@@ -213,6 +216,12 @@ def diagnose(
     t0 = time.perf_counter()
     infnet = load_models(device, multiclass=False, weights_dir=weights_dir)[SINGLE_CLASS]
     head, card = load_affinity(device, weights_dir)
+    trained_on = card.get("backbone", {}).get("sha256")
+    if trained_on != infnet.card["sha256"]:
+        raise ModelNotInstalledError(
+            f"the affinity head was trained on the features of infnet {trained_on}, but infnet "
+            f"{infnet.card['sha256']} is installed; retrain it (python -m training.affinity, see its model card)"
+        )
     extractor = RoiFeatures(infnet.model.backbone, head.beta, device)
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
@@ -221,9 +230,7 @@ def diagnose(
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
         x = torch.cat([to_input(torch.from_numpy(view)[None, None]) for _, (view, _) in chunk])
-        prob = torch.cat([
-            to_view_grid(infection_prob[z, rows, cols].T, x.shape[-1]) for z, (_, (rows, cols)) in chunk
-        ])
+        prob = torch.cat([to_view_grid(infection_prob[z, rows, cols].T, x.shape[-1]) for z, (_, (rows, cols)) in chunk])
         rois, counts = extractor(x, prob)
         with torch.no_grad():
             probs = class_probs(head(rois.to(device)))
@@ -238,8 +245,10 @@ def diagnose(
         "slices": slices,
         "lesions": {"count": len(volumes), "volumes_ml": volumes},
         "diagnosis": aggregate(table),
-        "models": [{"name": SINGLE_CLASS, "sha256": infnet.card["sha256"]}, {"name": MODEL_NAME,
-                                                                             "sha256": card["sha256"]}],
+        "models": [
+            {"name": SINGLE_CLASS, "sha256": infnet.card["sha256"]},
+            {"name": MODEL_NAME, "sha256": card["sha256"]},
+        ],
         "timings_s": timings,
     }
 

@@ -171,6 +171,7 @@ def analyze(
     rules: SeverityRules = DEFAULT_RULES,
     timings: dict | None = None,
     progress=None,
+    diagnose_volume: bool = True,
 ) -> Result:
     """Run every stage on a loaded volume.
 
@@ -184,6 +185,8 @@ def analyze(
         rules: severity thresholds.
         timings: dict that receives seconds per stage (an earlier ``read`` entry is kept).
         progress: optional callable(n_done, n_total) for the infection network.
+        diagnose_volume: run the Affinity model (lesion instances, per-slice class probabilities, volume diagnosis)
+            after a network segmentation.
 
     Returns:
         :class:`Result`.
@@ -246,6 +249,10 @@ def analyze(
             slice_ratio = np.where(lung_area > 0, infected_voxels.sum(axis=(1, 2)) / lung_area, np.nan)
     if summary["infected_volume_ml"]["total"] is not None:
         summary["infected_volume_ml"]["soft"] = soft_ml
+    diagnosis = None
+    if prob is not None and diagnose_volume:
+        with _timed(timings, "diagnosis"):
+            diagnosis = _diagnose(volume, lung, prob, device, batch_size, summary, models, notes)
 
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -263,6 +270,8 @@ def analyze(
         "models": models,
         "infection_source": infection_source,
         **summary,
+        "lesions": diagnosis["lesions"] if diagnosis else None,
+        "diagnosis": diagnosis["diagnosis"] if diagnosis else None,
         "rules": rules.describe(),
         "device": device,
         "backend": _backend_used(device),
@@ -276,6 +285,44 @@ def analyze(
         infection_mask=classes if classes is not None else None,
         infection_prob=prob,
         slice_ratio=slice_ratio,
+    )
+
+
+def _diagnose(volume, lung, prob, device, batch_size, summary, models, notes) -> dict | None:
+    """Lesion instances and the COVID-19 / pneumonia / normal call of the Affinity model, merged into ``summary``'s
+    per-slice entries (``class_probs``, ``lesions``); None, with a note, when its weights are not installed."""
+    from covfast.pipeline.diagnosis import diagnose
+
+    try:
+        result = diagnose(volume.hu, lung, prob, volume.spacing_mm, device=device, batch_size=batch_size)
+    except ModelNotInstalledError as exc:
+        notes.append(f"no diagnosis: {exc}")
+        return None
+    by_index = {entry["index"]: entry for entry in result["slices"]}
+    for entry in summary["slices"]:
+        found = by_index.get(entry["index"])
+        entry["class_probs"] = found["class_probs"] if found else None
+        entry["lesions"] = found["lesions"] if found else 0
+    models.extend(result["models"][1:])
+    result["diagnosis"]["validation"] = _diagnosis_validation()
+    return result
+
+
+def _diagnosis_validation() -> str | None:
+    """One line from the affinity model card on how its diagnosis validated, so no reader takes it for more."""
+    from covfast.pipeline.infection import WEIGHTS_DIR
+
+    card_path = WEIGHTS_DIR / "affinity.json"
+    if not card_path.is_file():
+        return None
+    card = json.loads(card_path.read_text())
+    validation = card.get("validation", {})
+    volumes = validation.get("volumes", {})
+    right = sum(v.get("label") == v.get("truth") for v in volumes.values())
+    slices = validation.get("slices", {})
+    return (
+        f"{validation.get('protocol', 'validation')}: {right} of {len(volumes)} held-out volumes labelled right, "
+        f"slice macro-F1 {slices.get('macro_f1', float('nan')):.2f}; experimental, trained on one patient per class"
     )
 
 
