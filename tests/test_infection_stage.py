@@ -115,4 +115,4 @@ def test_segment_infection_contract():
 def test_installed_models_cards_match_files():
     for model in installed_models():
         assert Path(model["file"]).exists()
-        assert model["task"] in ("infection", "multiclass") and model["params"] > 0
+        assert model["task"] in ("infection", "multiclass", "diagnosis") and model["params"] > 0
