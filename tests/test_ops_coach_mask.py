@@ -86,9 +86,79 @@ def test_bad_inputs():
         coach_mask(torch.zeros(1, 2, 3, 3), 0.5, 1.0)
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+def skip_unavailable(backend):
+    if not _backend._probe(backend, "cpu")[0]:
+        pytest.skip(_backend._probe(backend, "cpu")[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("ties", [False, True])
 def test_backend_matches_oracle(backend, ties):
+    skip_unavailable(backend)
     score = make_score((3, 1, 7, 13), torch.float32, 10, ties)
     out = _backend.implementation("coach_mask", backend)(score, 0.3, 5.0)
     np.testing.assert_allclose(out.double().numpy(), oracle(score, 0.3, 5.0), atol=1e-6)
+
+
+# Triton: small shapes only (the CPU interpreter); 45 x 50 spans several blocks and programs per image.
+TRITON_SHAPES = [(1, 1, 1, 1), (3, 1, 7, 13), (1, 1, 45, 50)]
+
+
+def hard_scores(shape, seed):
+    """Scores mixing +-0.0, negatives, repeated values and extremes, where a bit-level select can go wrong."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([0.0, -0.0, -1.5, 1.5, -3e38, 3e38, 1e-40, -1e-40, 2.0, -2.0])
+    return pool[torch.randint(0, len(pool), shape, generator=gen)]
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "ties", "hard"])
+def test_triton_threshold_equals_kthvalue(shape, dtype, kind):
+    skip_unavailable("triton")
+    from covfast.kernels.coach_mask import coach_threshold
+
+    seed = int(torch.randint(0, 2**31, ()))
+    score = hard_scores(shape, seed) if kind == "hard" else make_score(shape, torch.float32, seed, kind == "ties")
+    score = score.to(dtype)
+    n = shape[2] * shape[3]
+    for keep in KEEPS:
+        k = reference.coach_k(keep, n)
+        expected = score.reshape(shape[0], -1).kthvalue(n - k + 1, dim=1).values.float()
+        torch.testing.assert_close(coach_threshold(score, k), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_triton_mask_and_image_product(shape, ties):
+    skip_unavailable("triton")
+    score = make_score(shape, torch.float32, int(torch.randint(0, 2**31, ())), ties)
+    image = torch.randn(shape[0], 3, *shape[2:])
+    with _backend.forced("triton"):
+        assert _backend.select("coach_mask", "cpu") == "triton"
+        mask, masked = coach_mask(score, 0.3, 5.0, image=image)
+    np.testing.assert_allclose(mask.double().numpy(), oracle(score, 0.3, 5.0), atol=1e-6)
+    torch.testing.assert_close(masked, image * mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision_error_within_twice_reference(dtype):
+    skip_unavailable("triton")
+    score = make_score((2, 1, 21, 17), torch.float32, 16)
+    exact = reference.coach_mask(score.to(dtype).float(), 0.3, 5.0)
+    ref_err = (reference.coach_mask(score.to(dtype), 0.3, 5.0).float() - exact).abs().max()
+    triton_mask = _backend.implementation("coach_mask", "triton")(score.to(dtype), 0.3, 5.0)
+    assert triton_mask.dtype == dtype
+    assert (triton_mask.float() - exact).abs().max() <= 2 * ref_err + 1e-6
+
+
+def test_triton_backward_and_empty():
+    skip_unavailable("triton")
+    score = make_score((2, 1, 7, 13), torch.float32, 17).requires_grad_()
+    grad_out = torch.randn(score.shape)
+    with _backend.forced("triton"):
+        (grad,) = torch.autograd.grad(coach_mask(score, 0.3, 4.0), score, grad_out)
+        empty = coach_mask(torch.empty(0, 1, 4, 4), 0.5, 1.0)
+    (expected,) = torch.autograd.grad(coach_mask(score, 0.3, 4.0), score, grad_out)
+    torch.testing.assert_close(grad, expected)
+    assert empty.shape == (0, 1, 4, 4)

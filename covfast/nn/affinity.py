@@ -114,12 +114,12 @@ def pool_rois(features: torch.Tensor, rois: list[list[tuple]], spatial_scale: fl
         spatial_scale: feature pixels per input pixel.
     """
     table = [(float(b), *map(float, box)) for b, boxes in enumerate(rois) for box in boxes]
-    # Padding repeats boxes: pool each distinct (image, box) once and gather the copies.
+    # Padding repeats boxes: each distinct (image, box) is pooled once and written to every slot that repeats it.
     unique = list(dict.fromkeys(table))
     where = {row: i for i, row in enumerate(unique)}
     distinct = torch.tensor(unique, dtype=features.dtype, device=features.device).reshape(-1, 5)
-    pooled = ops.roi_align(features, distinct, ROI_SIZE, spatial_scale, sampling_ratio=2, aligned=True)
-    pooled = pooled[torch.tensor([where[row] for row in table], device=features.device, dtype=torch.long)]
+    slot_roi = torch.tensor([where[row] for row in table], dtype=torch.long, device=features.device)
+    pooled = ops.roi_align_slots(features, distinct, slot_roi, ROI_SIZE, spatial_scale, sampling_ratio=2, aligned=True)
     return pooled.reshape(len(rois), -1, *pooled.shape[1:])
 
 

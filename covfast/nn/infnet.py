@@ -7,7 +7,8 @@ Structure (strides relative to the input slice):
     reverse attention at three levels, coarse to fine, R_i = Concat(f_i, Down(e_att)) * A_i with
     A_i = expand(1 - sigmoid(Upsample(S_{i+1}))), each refining the previous map into a side output
     S_5 (/32), S_4 (/16), S_3 (/8); S_6 = S_g. The prediction is S_3.
-The weighting step is the custom op ``covfast.ops.reverse_attention``.
+The weighting step (resize of the edge features, concatenation and the reverse-attention gate in one pass) is the
+custom op ``covfast.ops.reverse_attention_concat``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class ReverseAttentionStage(nn.Module):
     """One reverse-attention refinement: S_i = S_{i+1} (resized) + conv(R_i).
 
     R_i = Concat(f_i, Down(e_att)) * (1 - sigmoid(Upsample(S_{i+1}))), computed by
-    ``covfast.ops.reverse_attention`` so the fast kernels replace it without touching the model.
+    ``covfast.ops.reverse_attention_concat`` (resize, concatenation and gate fused) so the fast kernels replace it
+    without touching the model.
     """
 
     def __init__(self, feat_ch: int, edge_ch: int, ch: int):
@@ -123,10 +125,10 @@ class ReverseAttentionStage(nn.Module):
 
     def forward(self, feat: torch.Tensor, e_att: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """feat [B, Cf, h, w], e_att [B, Ce, H/4, W/4], coarse logits [B, 1, h', w'] -> logits [B, 1, h, w]."""
-        edge = F.interpolate(e_att, size=feat.shape[-2:], mode="bilinear", align_corners=False)
-        gated = torch.cat([feat, edge], dim=1)
-        # Under mixed precision the side map (a conv output) and the features (a batch-norm output) can differ.
-        weighted = ops.reverse_attention(gated, coarse.to(gated.dtype))
+        # Under mixed precision the side map (a conv output) and the features (a batch-norm output) can differ; the
+        # common dtype is the one torch.cat would give.
+        dtype = torch.promote_types(feat.dtype, e_att.dtype)
+        weighted = ops.reverse_attention_concat(feat.to(dtype), e_att.to(dtype), coarse.to(dtype))
         coarse_here = F.interpolate(coarse, size=feat.shape[-2:], mode="bilinear", align_corners=False)
         return coarse_here + self.refine(weighted)
 

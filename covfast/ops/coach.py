@@ -36,6 +36,16 @@ def _coach_mask_cuda(score: torch.Tensor, keep: float, alpha: float) -> torch.Te
     return mask
 
 
+@_backend.register("coach_mask", "triton", ("cuda", "cpu"))
+def _coach_mask_triton(score: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    if score.dtype == torch.float64 or score.numel() == 0:  # float64 keys would need 64-bit radix passes
+        return reference.coach_mask(score, keep, alpha)
+    from covfast.kernels.coach_mask import coach_mask_fwd
+
+    pixels = score.shape[2] * score.shape[3]
+    return coach_mask_fwd(score, reference.coach_k(keep, pixels), alpha)
+
+
 def _check(score: torch.Tensor, keep: float) -> None:
     if score.dim() != 4 or score.shape[1] != 1:
         raise ValueError(f"coach_mask expects score [B,1,H,W]; got {tuple(score.shape)}")

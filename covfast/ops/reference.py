@@ -57,6 +57,58 @@ def reverse_attention_backward(
     return grad_x, grad_side
 
 
+def _upsample(image: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Bilinear (align_corners=False) resize of [B, C, h, w] to ``size``; also for C = 0, which F.interpolate rejects."""
+    if image.shape[1] == 0:
+        return image.new_empty((image.shape[0], 0, *size))
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def reverse_attention_concat(x: torch.Tensor, edge: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """Reverse attention of the concatenated features and resized edge features (Inf-Net, IEEE TMI 2020, eq. 3).
+
+    ``cat([x, up(edge, (H, W))], 1) * (1 - sigmoid(up(side, (H, W))))``, up bilinear with align_corners=False.
+
+    Args:
+        x: [B, C1, H, W] float features.
+        edge: [B, C2, he, we] float edge-attention features, same dtype as ``x``.
+        side: [B, 1, h, w] float side-output logits, same dtype as ``x``.
+
+    Returns:
+        [B, C1 + C2, H, W], dtype of ``x``.
+    """
+    size = list(x.shape[-2:])
+    if x.shape[0] * (x.shape[1] + edge.shape[1]) * size[0] * size[1] == 0:
+        return x.new_empty((x.shape[0], x.shape[1] + edge.shape[1], *size))
+    return reverse_attention(torch.cat([x, _upsample(edge, size)], dim=1), side)
+
+
+def reverse_attention_concat_backward(
+    grad: torch.Tensor, x: torch.Tensor, edge: torch.Tensor, side: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`reverse_attention_concat`: those of :func:`reverse_attention` for the concatenation,
+    with the edge part taken back through the adjoint of its bilinear resize.
+
+    Args:
+        grad: [B, C1 + C2, H, W] gradient of the output.
+        x, edge, side: the forward inputs.
+
+    Returns:
+        (grad_x [B, C1, H, W], grad_edge [B, C2, he, we], grad_side [B, 1, h, w]), dtypes of the inputs.
+    """
+    size = list(x.shape[-2:])
+    if grad.numel() == 0:
+        return x.new_zeros(x.shape), edge.new_zeros(edge.shape), side.new_zeros(side.shape)
+    gated = torch.cat([x, _upsample(edge, size)], dim=1)
+    grad_gated, grad_side = reverse_attention_backward(grad, gated, side)
+    channels = x.shape[1]
+    if edge.shape[1] == 0:
+        grad_edge = edge.new_zeros(edge.shape)
+    else:
+        grad_edge = torch.ops.aten.upsample_bilinear2d_backward(grad_gated[:, channels:], size, list(edge.shape), False)
+    return grad_gated[:, :channels].contiguous(), grad_edge, grad_side
+
+
 def coach_k(keep: float, num_pixels: int) -> int:
     """Number of kept pixels ``k = ceil(keep * num_pixels)`` of the coach mask, clamped to [1, num_pixels].
 
@@ -194,7 +246,7 @@ def _bilinear_samples(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> 
     x_high = (x_low + 1).clamp(max=width - 1)
     ly, lx = y - y_low, x - x_low
     hy, hx = 1 - ly, 1 - lx
-    flat = image.reshape(image.shape[0], -1)
+    flat = image.reshape(image.shape[0], height * width)
     value = (
         hy * hx * flat[:, y_low * width + x_low]
         + hy * lx * flat[:, y_low * width + x_high]
@@ -241,6 +293,7 @@ def roi_align(
         grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / pooled_h)
         grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
         count = max(grid_h * grid_w, 1)
+        grid_h, grid_w = max(grid_h, 0), max(grid_w, 0)  # an inverted aligned box has no samples: output 0
         ph = torch.arange(pooled_h, dtype=features.dtype).view(-1, 1, 1, 1)
         pw = torch.arange(pooled_w, dtype=features.dtype).view(1, -1, 1, 1)
         iy = torch.arange(grid_h, dtype=features.dtype).view(1, 1, -1, 1)
@@ -248,7 +301,7 @@ def roi_align(
         y = (y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h).expand(pooled_h, pooled_w, grid_h, grid_w)
         x = (x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w).expand(pooled_h, pooled_w, grid_h, grid_w)
         samples = _bilinear_samples(features[int(roi[0])], y.reshape(-1), x.reshape(-1))
-        out[k] = samples.reshape(-1, pooled_h, pooled_w, grid_h * grid_w).sum(dim=-1) / count
+        out[k] = samples.reshape(features.shape[1], pooled_h, pooled_w, grid_h * grid_w).sum(dim=-1) / count
     return out
 
 
