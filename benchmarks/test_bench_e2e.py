@@ -3,8 +3,9 @@
 Inputs: the shipped sample volume, and COVID-CT-MD ``P001`` (512 x 512 x 148 DICOM) when ``../shared/data`` is
 beside the project (skipped otherwise and in smoke mode). Each input runs twice: ``infection-mask`` passes a
 density-thresholded infection mask, which replaces the infection network, so it times everything except the network
-(the issue-2 target) and exercises the reduction and the preview's overlay; ``no-mask`` runs the pipeline as a user
-gets it, with the infection network when its weights are installed (the stage is skipped otherwise). Smoke mode runs
+(the issue-2 target) and exercises the reduction and the preview's overlay; ``no-mask-torch`` / ``no-mask-onnx``
+run the pipeline as a user gets it, with the infection networks in torch or onnxruntime when their weights are
+installed (the stage is skipped otherwise). Smoke mode runs
 only the sample's ``infection-mask`` case, which stays fast whatever is installed. The median seconds of every stage
 go to ``benchmark.extra_info``.
 
@@ -13,6 +14,7 @@ Target (issue 2): P001 end to end except the network under 5 s on the 2-core CPU
 in-process suite leaves to its warm-up round).
 """
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +70,33 @@ def mask_files(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module", autouse=True)
+def engine_dir(tmp_path_factory):
+    """ONNX exports for ``engine=onnx`` go to a temporary folder (made in the warm-up round), not ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COVFAST_ENGINE_DIR", str(tmp_path_factory.mktemp("engines")))
+        yield
+
+
+NETWORK = pytest.mark.skipif(SMOKE, reason="smoke mode: the network may be installed")
+
+
 @pytest.mark.parametrize(
-    "with_mask",
-    [pytest.param(False, marks=pytest.mark.skipif(SMOKE, reason="smoke mode: the network may be installed")), True],
-    ids=["no-mask", "infection-mask"],
+    "with_mask, engine",
+    [
+        pytest.param(False, "torch", marks=NETWORK, id="no-mask-torch"),
+        pytest.param(False, "onnx", marks=[NETWORK, pytest.mark.skipif(
+            importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime not installed")], id="no-mask-onnx"),
+        pytest.param(True, "auto", id="infection-mask"),
+    ],
 )
 @pytest.mark.parametrize("path", INPUTS)
-def test_e2e(benchmark, tmp_path, mask_files, path, with_mask):
+def test_e2e(benchmark, tmp_path, mask_files, path, with_mask, engine):
     mask = mask_files(path) if with_mask else None
     runs: list[dict] = []
 
     def run():
-        result = covfast.infer(path, out_dir=tmp_path / "out", infection_mask=mask, device="cpu")
+        result = covfast.infer(path, out_dir=tmp_path / "out", infection_mask=mask, device="cpu", engine=engine)
         runs.append(dict(result.report["timings_s"]))
         return result
 
@@ -102,4 +119,5 @@ def test_e2e(benchmark, tmp_path, mask_files, path, with_mask):
         stages_median_s={s: float(np.median([t.get(s, 0.0) for t in runs])) for s in stages},
         rounds=len(runs),
         infection_source=report["infection_source"],
+        engine=report["engine"],
     )

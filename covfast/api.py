@@ -1,13 +1,16 @@
-"""Python API: ``covfast.infer(path_or_array) -> Result``; the CLI is a thin layer over this."""
+"""Python API: ``covfast.infer(path_or_array) -> Result`` and ``infer_many(paths, out_dirs)`` for several volumes;
+the CLI is a thin layer over this."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from covfast.errors import InputError
+from covfast.errors import CovfastError, InputError, UsageError
 from covfast.pipeline.severity import DEFAULT_RULES, SeverityRules
 
 
@@ -32,6 +35,7 @@ def infer(
     preview: bool = True,
     rules: SeverityRules = DEFAULT_RULES,
     progress=None,
+    engine: str = "auto",
 ):
     """Quantify COVID-19 infection in one chest CT volume.
 
@@ -48,16 +52,16 @@ def infer(
         preview: draw preview.png when writing outputs.
         rules: severity thresholds (:class:`covfast.pipeline.severity.SeverityRules`).
         progress: optional callable(n_done, n_total) for the infection network.
+        engine: inference engine of the infection networks: ``auto`` (TensorRT, torch on CUDA, onnxruntime, torch
+            on the CPU, the first that is available), ``torch``, ``onnx`` or ``tensorrt``.
 
     Returns:
         :class:`covfast.pipeline.run.Result`; ``result.report`` is what report.json holds.
     """
     from covfast.pipeline.run import analyze
 
-    timings: dict = {}
-    start = time.perf_counter()
-    volume = load(path_or_array, spacing, series)
-    timings["read"] = time.perf_counter() - start
+    _check_engine(engine)
+    volume, timings = _timed_load(path_or_array, spacing, series)
     mask = None
     mask_source = None
     if infection_mask is not None:
@@ -80,7 +84,92 @@ def infer(
         rules=rules,
         timings=timings,
         progress=progress,
+        engine=engine,
     )
     if out_dir is not None:
         result.save(Path(out_dir), preview=preview)
     return result
+
+
+def _check_engine(engine: str) -> None:
+    from covfast.engine.runtime import ENGINES
+
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r} (choose one of {', '.join(ENGINES)})")
+
+
+def _timed_load(path_or_array, spacing=None, series: str | None = None) -> tuple:
+    """:func:`load` with its duration: (Volume, ``{"read": seconds}``)."""
+    start = time.perf_counter()
+    volume = load(path_or_array, spacing, series)
+    return volume, {"read": time.perf_counter() - start}
+
+
+def infer_many(
+    paths: Sequence,
+    out_dirs: Sequence,
+    *,
+    series: str | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    preview: bool = True,
+    rules: SeverityRules = DEFAULT_RULES,
+    engine: str = "auto",
+    progress: Callable[[int], Callable[[int, int], None] | None] | None = None,
+) -> Iterator[tuple[int, object]]:
+    """Run :func:`infer` on several volumes, overlapping file reading and writing with the computation.
+
+    A reader thread decodes the next volume while the current one is computed, and a writer thread saves the
+    previous result (gzip of the masks, preview.png) meanwhile; at most one volume is read ahead and one result
+    waits to be written, so memory stays at about three volumes. The networks and engines are loaded once (the
+    infection stage caches them per process). An input that fails (unreadable, bad geometry, unwritable output) is
+    reported and the others still run.
+
+    Args:
+        paths: inputs (``.nii``/``.nii.gz`` files or DICOM series folders).
+        out_dirs: output folder of each input, same length as ``paths``.
+        series: SeriesInstanceUID to take from DICOM folders holding several series.
+        device, batch_size, preview, rules, engine: as for :func:`infer`.
+        progress: optional callable(index) -> callable(n_done, n_total) (or None), the infection network's progress
+            callback for input ``index``.
+
+    Yields:
+        (index, outcome) in input order, once the input's outputs are written: ``outcome`` is the
+        :class:`covfast.pipeline.run.Result`, or the :class:`covfast.errors.CovfastError` that stopped it.
+    """
+    from covfast.pipeline.run import analyze
+
+    if len(paths) != len(out_dirs):
+        raise ValueError(f"{len(paths)} inputs but {len(out_dirs)} output folders")
+    _check_engine(engine)
+    with ThreadPoolExecutor(1, thread_name_prefix="covfast-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="covfast-write") as writer:
+        reading = reader.submit(_timed_load, paths[0], None, series) if paths else None
+        writing: tuple[int, Future | None, object] | None = None  # (index, the write's future, outcome)
+        for index, out_dir in enumerate(out_dirs):
+            loaded = reading
+            if index + 1 < len(paths):
+                reading = reader.submit(_timed_load, paths[index + 1], None, series)
+            try:
+                volume, timings = loaded.result()
+                outcome = analyze(volume, device=device, batch_size=batch_size, rules=rules, timings=timings,
+                                  progress=progress(index) if progress else None, engine=engine)
+            except CovfastError as exc:
+                outcome = exc
+            if writing is not None:
+                yield _written(*writing)
+            saving = None if isinstance(outcome, CovfastError) else writer.submit(outcome.save, Path(out_dir),
+                                                                                   preview=preview)
+            writing = (index, saving, outcome)
+        if writing is not None:
+            yield _written(*writing)
+
+
+def _written(index: int, saving: Future | None, outcome) -> tuple[int, object]:
+    """(index, outcome) once the write ``saving`` is done; a failed write turns the outcome into its error."""
+    if saving is not None:
+        try:
+            saving.result()
+        except CovfastError as exc:
+            return index, exc
+    return index, outcome

@@ -1,4 +1,4 @@
-"""covfast command line: ``covfast infer``, ``covfast info``, ``covfast evaluate-slices``.
+"""covfast command line: ``covfast infer``, ``info``, ``build-engine``, ``benchmark``, ``evaluate-slices``.
 
 A thin layer over :mod:`covfast.api`; heavy imports happen inside the commands so ``--help`` is instant.
 Exit codes: 0 ok, 2 usage, 3 bad input or unwritable output, 1 internal error.
@@ -14,9 +14,13 @@ from pathlib import Path
 from covfast import __version__
 from covfast.errors import EXIT_BAD_INPUT, EXIT_OK, CovfastError, UsageError
 
+# covfast.engine.ENGINES, spelled out so that building the parser does not import torch (a test checks they agree).
+ENGINE_CHOICES = ("auto", "torch", "onnx", "tensorrt")
+
 INFER_EXAMPLE = """example:
   covfast infer scan.nii.gz -o out/          # writes out/scan/{report.json,lung_mask.nii.gz,infection_mask.nii.gz,preview.png}
   covfast infer dicom_folder/ other.nii.gz -o out/ --device cpu
+  covfast infer scan.nii.gz -o out/ --engine onnx  # onnxruntime (pip install covfast[onnx])
   covfast infer "$(python -c 'import covfast.io; print(covfast.io.sample_path())')" -o out/
 """
 
@@ -58,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder; one subfolder per input (default: covfast_out)",
     )
     infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    infer.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default="auto",
+        help="inference engine of the infection networks; auto: TensorRT, torch on CUDA, onnxruntime, torch on CPU, "
+        "the first available (report.json records what ran)",
+    )
     infer.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
     infer.add_argument(
         "--infection-mask",
@@ -85,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="engine cache folder (default: $COVFAST_ENGINE_DIR or ~/.cache/covfast/engines)"
     )
     engine.set_defaults(func=cmd_build_engine)
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="time the whole pipeline per stage on one input (default: the shipped sample)",
+        description="Run covfast on INPUT once to warm up, then --runs times, and report the median and minimum "
+        "seconds of each stage and end to end, peak memory, the device, versions, date and this command.",
+        epilog="example:\n  covfast benchmark --runs 5 --json bench.json\n"
+        "  covfast benchmark /data/P001 --device cuda --engine tensorrt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("input", nargs="?", metavar="INPUT", help="a NIfTI file or DICOM folder (default: the sample)")
+    bench.add_argument("--runs", type=_positive_int, default=3, metavar="N", help="timed runs after the warm-up")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--engine", choices=ENGINE_CHOICES, default="auto")
+    bench.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.set_defaults(func=cmd_benchmark)
 
     evaluate = sub.add_parser(
         "evaluate-slices",
@@ -141,6 +169,8 @@ class _SliceProgress:
 
             self.bar = tqdm(total=total, desc=f"{self.name}: infection", unit="slice", leave=False, file=sys.stderr)
         self.bar.update(done - self.bar.n)
+        if done >= total:  # the network is done; the input's outputs are still being written
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -148,10 +178,23 @@ class _SliceProgress:
             self.bar = None
 
 
+def _load_engines(engine: str, device: str) -> None:
+    """Choose and load the infection networks' engines before any input is read, so that an unavailable
+    ``--engine onnx`` or ``tensorrt`` is one usage error (exit 2) with nothing written (``auto`` and ``torch`` always
+    find an engine); without installed weights the pipeline notes it."""
+    from covfast.errors import ModelNotInstalledError
+    from covfast.pipeline.infection import infection_engines
+
+    try:
+        infection_engines(engine, device)
+    except ModelNotInstalledError:
+        pass
+
+
 def cmd_infer(args) -> int:
     from tqdm import tqdm
 
-    from covfast.api import infer
+    from covfast.api import infer, infer_many
     from covfast.errors import OutputError
     from covfast.io import find_inputs
     from covfast.pipeline.run import resolve_device
@@ -163,34 +206,33 @@ def cmd_infer(args) -> int:
         raise UsageError("--infection-mask applies to a single input")
     device = resolve_device(args.device)
     inputs = find_inputs(args.inputs)
+    if args.engine in ("onnx", "tensorrt") and not args.infection_mask:
+        _load_engines(args.engine, device)
     taken: set[str] = set()
+    names = [_output_name(path, taken) for path in inputs]
+    slices = [_SliceProgress(name, disable=args.quiet) for name in names]
+    options = {"series": args.series, "device": device, "batch_size": args.batch_size,
+               "preview": not args.no_preview, "engine": args.engine}
+    if args.infection_mask:
+        outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]
+    else:
+        outcomes = infer_many(inputs, [out_root / name for name in names], progress=slices.__getitem__, **options)
     failures = 0
-    bar = tqdm(inputs, desc="covfast", unit="volume", disable=args.quiet or len(inputs) < 2, file=sys.stderr)
-    for path in bar:
-        name = _output_name(path, taken)
-        slices = _SliceProgress(name, disable=args.quiet)
-        try:
-            result = infer(
-                path,
-                out_dir=out_root / name,
-                infection_mask=args.infection_mask,
-                series=args.series,
-                device=device,
-                batch_size=args.batch_size,
-                preview=not args.no_preview,
-                progress=slices,
-            )
-        except CovfastError as exc:
-            slices.close()
+    bar = tqdm(total=len(inputs), desc="covfast", unit="volume", disable=args.quiet or len(inputs) < 2,
+               file=sys.stderr)
+    for index, outcome in outcomes:
+        slices[index].close()
+        bar.update(1)
+        if isinstance(outcome, CovfastError):
             if len(inputs) == 1:
-                raise
+                raise outcome
             failures += 1
-            tqdm.write(f"covfast: error: {exc}", file=sys.stderr)
+            tqdm.write(f"covfast: error: {outcome}", file=sys.stderr)
             continue
-        slices.close()
-        for note in result.report["notes"]:
-            tqdm.write(f"covfast: note: {name}: {note}", file=sys.stderr)
-        tqdm.write(_summary_line(name, result.report, out_root / name))
+        for note in outcome.report["notes"]:
+            tqdm.write(f"covfast: note: {names[index]}: {note}", file=sys.stderr)
+        tqdm.write(_summary_line(names[index], outcome.report, out_root / names[index]))
+    bar.close()
     return EXIT_BAD_INPUT if failures else EXIT_OK
 
 
@@ -210,6 +252,25 @@ def cmd_build_engine(args) -> int:
     from covfast.engine import build_engine
 
     print(json.dumps(build_engine(args.precision, args.max_batch, args.out), indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_benchmark(args) -> int:
+    import json
+    import shlex
+
+    from covfast.benchmark import format_benchmark, run_benchmark
+    from covfast.io import sample_path
+
+    command = shlex.join(["covfast", *(args.argv if args.argv is not None else sys.argv[1:])])
+    result = run_benchmark(args.input or sample_path(), runs=args.runs, device=args.device, engine=args.engine,
+                           batch_size=args.batch_size, command=command)
+    print(format_benchmark(result))
+    if args.json:
+        from covfast.io.atomic import atomic_write
+
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(args.json, lambda file: file.write(text.encode()))
     return EXIT_OK
 
 
@@ -233,6 +294,7 @@ def cmd_evaluate_slices(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except CovfastError as exc:

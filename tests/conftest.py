@@ -1,10 +1,13 @@
 """Shared test setup: Triton runs in its CPU interpreter when no CUDA GPU is present, and the ``cuda`` mark skips.
 
 ``TRITON_INTERPRET`` must be set before anything imports triton (kernels read it when they are decorated).
+ONNX exports and engines go to a folder of the test run (``COVFAST_ENGINE_DIR``), never to the user's cache; the
+benchmark suites that the smoke test runs in a subprocess inherit it.
 """
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,12 @@ if _REPO_ROOT not in sys.path:
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    cache = getattr(config, "cache", None)
+    folder = cache.mkdir("covfast_engines") if cache is not None else tempfile.mkdtemp(prefix="covfast_engines_")
+    os.environ["COVFAST_ENGINE_DIR"] = str(folder)
 
 
 def pytest_collection_modifyitems(config, items):

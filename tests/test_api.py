@@ -46,3 +46,10 @@ def test_infer_array_without_model_reports_no_infection(chest, monkeypatch):
     assert result.report["percent_infected"]["volumetric"] is None
     assert result.infection_mask is None
     assert any("no infection model" in note for note in result.report["notes"])
+
+
+def test_infer_rejects_an_unknown_engine(chest):
+    from covfast.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown engine 'openvino'"):
+        covfast.infer(chest["hu"], spacing=chest["spacing"], device="cpu", engine="openvino")

@@ -1,6 +1,8 @@
 """End-to-end: `covfast infer` / `covfast info` on the shipped sample volume, exit codes, nothing partial left."""
 
+import importlib.util
 import json
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -9,6 +11,12 @@ import pytest
 from covfast.cli import main
 from covfast.io import load_volume, sample_path, write_nifti_like
 from covfast.pipeline.lung import lung_mask
+
+
+@pytest.fixture(autouse=True)
+def engine_dir(request, monkeypatch):
+    """ONNX exports made by ``--engine auto``/``onnx`` go to pytest's cache folder (reused across runs), not ~/.cache."""
+    monkeypatch.setenv("COVFAST_ENGINE_DIR", str(request.config.cache.mkdir("covfast_engines")))
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +160,14 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
     folder = out / "sample_ct"
     report = json.loads((folder / "report.json").read_text())
     assert [m["name"] for m in report["models"]] == ["infnet", "infnet_multiclass", "affinity"]
+    # --engine auto on a CPU: TensorRT and torch-cuda are passed over with their reasons, then onnxruntime if
+    # installed, else torch on the CPU.
+    expected_engine = "onnxruntime-cpu" if importlib.util.find_spec("onnxruntime") else "torch-cpu"
+    assert list(report["engine"]) == ["infnet", "infnet_multiclass"]
+    for used in report["engine"].values():
+        assert used["engine"] == expected_engine
+        assert [s["engine"] for s in used["skipped"]][:2] == ["tensorrt", "torch-cuda"]
+        assert all(s["reason"] for s in used["skipped"])
     infected = report["infected_volume_ml"]
     assert infected["total"] == pytest.approx(infected["ggo"] + infected["consolidation"])
     assert infected["total"] > 1.0  # P001 is a COVID-19 case with visible lesions
@@ -168,3 +184,52 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
     assert not infection[lung == 0].any()
     voxel_ml = float(np.prod(sample.spacing_mm)) / 1000
     assert (infection == 2).sum() * voxel_ml == pytest.approx(infected["consolidation"])
+
+
+def test_engine_choices_match_the_engine_module():
+    from covfast.cli import ENGINE_CHOICES
+    from covfast.engine import ENGINES
+
+    assert ENGINE_CHOICES == ENGINES
+
+
+def test_engine_tensorrt_without_tensorrt_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # TensorRT absent even on a machine that has it
+    out = tmp_path / "out"
+    code = main(["infer", str(sample_path()), "-o", str(out), "--engine", "tensorrt", "-q"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("covfast: error: --engine tensorrt:") and "\n" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unknown_engine_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["infer", "x.nii.gz", "--engine", "openvino"])
+    assert info.value.code == 2
+    assert "--engine" in capsys.readouterr().err
+
+
+def test_several_inputs_one_failing(tmp_path, capsys):
+    """Reading ahead and writing behind: a bad input in the middle reports one line, the others complete in order."""
+    image = nib.load(str(sample_path()))
+    mid = image.shape[2] // 2
+    first, last = tmp_path / "first.nii.gz", tmp_path / "last.nii.gz"
+    nib.save(image.slicer[:, :, mid - 2 : mid + 1], str(first))
+    nib.save(image.slicer[:, :, mid : mid + 3], str(last))
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume" * 10)
+    out = tmp_path / "out"
+    code = main(["infer", str(first), str(broken), str(last), "-o", str(out), "--device", "cpu", "-q",
+                 "--no-preview"])
+    assert code == 3
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("covfast: error:")]
+    assert len(errors) == 1 and "broken.nii.gz" in errors[0]
+    summaries = [line.split(":")[0] for line in captured.out.splitlines()]
+    assert summaries == ["first", "last"]
+    assert sorted(p.name for p in out.iterdir()) == ["first", "last"]
+    for name, source in (("first", first), ("last", last)):
+        report = json.loads((out / name / "report.json").read_text())
+        assert report["input"]["path"] == str(source)
+        assert nib.load(str(out / name / "lung_mask.nii.gz")).shape == nib.load(str(source)).shape

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from covfast.errors import ModelNotInstalledError
 from covfast.pipeline.infection import (
@@ -20,6 +21,14 @@ from covfast.pipeline.infection import (
 )
 
 HAS_WEIGHTS = (WEIGHTS_DIR / "infnet.safetensors").exists()
+ENGINES = ("torch", "onnx")
+
+
+@pytest.fixture(autouse=True)
+def engine_dir(request, monkeypatch):
+    """ONNX exports (``engine="auto"`` picks onnxruntime on a CPU when installed) go to pytest's cache folder, not
+    ~/.cache; an export there is reused only if it was made from the same weights."""
+    monkeypatch.setenv("COVFAST_ENGINE_DIR", str(request.config.cache.mkdir("covfast_engines")))
 
 
 def _volume():
@@ -116,3 +125,95 @@ def test_installed_models_cards_match_files():
     for model in installed_models():
         assert Path(model["file"]).exists()
         assert model["task"] in ("infection", "multiclass", "diagnosis") and model["params"] > 0
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    denom = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / denom if denom else 1.0
+
+
+@pytest.fixture(scope="module")
+def sample_slab():
+    """Five lung slices of the shipped sample (real CT, resampled COVID-CT-MD P001) with their lung mask."""
+    from covfast.io import load_volume, sample_path
+    from covfast.pipeline.lung import lung_mask
+
+    volume = load_volume(str(sample_path()))
+    lung = lung_mask(volume.hu, volume.spacing_mm)
+    mid = int(np.flatnonzero(lung.reshape(len(lung), -1).any(axis=1)).mean())
+    return np.ascontiguousarray(volume.hu[mid - 2 : mid + 3]), np.ascontiguousarray(lung[mid - 2 : mid + 3])
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+def test_torch_and_onnx_engines_give_the_same_masks(sample_slab):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install covfast[onnx])")
+    hu, lung = sample_slab
+    results = {kind: segment_infection(hu, lung, (2.0, 0.7, 0.7), batch_size=3, engine=kind) for kind in ENGINES}
+    torch_run, onnx_run = results["torch"], results["onnx"]
+    assert {name: e["engine"] for name, e in torch_run.engines.items()} == dict.fromkeys(torch_run.engines, "torch-cpu")
+    assert {name: e["engine"] for name, e in onnx_run.engines.items()} == dict.fromkeys(
+        torch_run.engines, "onnxruntime-cpu")
+    assert list(onnx_run.engines) == [m["name"] for m in onnx_run.models]
+    assert np.abs(torch_run.prob - onnx_run.prob).max() < 1e-4
+    infected = torch_run.prob > 0.5
+    assert infected.sum() > 100  # the sample is a COVID-19 case: the comparison covers real lesions
+    assert _dice(infected, onnx_run.prob > 0.5) > 0.999
+    if torch_run.classes is not None:
+        for label in (1, 2):
+            assert _dice(torch_run.classes == label, onnx_run.classes == label) > 0.999
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+def test_torch_engine_matches_the_networks_run_directly(sample_slab):
+    """The engine path reproduces the networks' own forward pass (predict_slices) on the same slice views."""
+    from covfast.pipeline.infection import load_models, predict_slices
+
+    hu, lung = sample_slab
+    result = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="torch")
+    z, crop = lung_slices(lung)[2]
+    view = slice_view(hu, z, crop)
+    prob, _ = predict_slices(load_models("cpu"), view[None])
+    np.testing.assert_allclose(result.prob[z, crop[0], crop[1]], prob[0].T, atol=1e-5)
+
+
+def test_unknown_engine_is_a_usage_error():
+    from covfast.errors import UsageError
+
+    if not HAS_WEIGHTS:
+        pytest.skip("needs the shipped infnet weights")
+    with pytest.raises(UsageError, match="unknown engine"):
+        segment_infection(*_volume(), (2.0, 0.7, 0.7), engine="openvino")
+
+
+def test_window_hu_tensor_equals_window_hu():
+    from covfast.pipeline.infection import window_hu_tensor
+
+    every_int16 = np.arange(-32768, 32768, dtype=np.int16)
+    assert np.array_equal(window_hu_tensor(torch.from_numpy(every_int16)).numpy(), window_hu(every_int16))
+    fractional = np.random.default_rng(0).uniform(-1100, 300, 100_000).astype(np.float32)
+    assert np.array_equal(window_hu_tensor(torch.from_numpy(fractional)).numpy(), window_hu(fractional))
+
+
+def test_prepare_batch_equals_per_slice_views(sample_slab):
+    """The batched preparation gives exactly the inputs of the per-slice path (window, crop, transpose, resize)."""
+    from covfast.nn.preprocess import INPUT_SIZE, to_input
+    from covfast.pipeline.infection import prepare_batch
+
+    hu, lung = sample_slab
+    work = lung_slices(lung)
+    batch = prepare_batch(torch.from_numpy(hu), work)
+    assert batch.shape == (len(work), 1, INPUT_SIZE, INPUT_SIZE) and batch.dtype == torch.float32
+    expected = torch.cat([to_input(torch.from_numpy(slice_view(hu, z, crop))[None, None]) for z, crop in work])
+    assert torch.equal(batch, expected)
+
+
+@pytest.mark.cuda
+def test_prepare_batch_on_cuda_matches_cpu(sample_slab):
+    """The same preparation with the volume on the GPU (windowing exact; resampling within float32 rounding)."""
+    from covfast.pipeline.infection import prepare_batch
+
+    hu, lung = sample_slab
+    work = lung_slices(lung)
+    on_gpu = prepare_batch(torch.from_numpy(hu).cuda(), work)
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), prepare_batch(torch.from_numpy(hu), work), rtol=0, atol=1e-5)

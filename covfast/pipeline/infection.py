@@ -14,6 +14,9 @@ volume is mapped into that distribution:
    the training statistics (:mod:`covfast.nn.preprocess`).
 Only slices whose lung mask is non-empty run; the probabilities are resized back to the crop and placed in a
 zero volume, so the output has the input's full grid.
+
+The networks run through the inference engines of :mod:`covfast.engine` (TensorRT, torch, onnxruntime), chosen once
+per process by :func:`covfast.engine.select_engine`; every engine runs the same probability graph.
 """
 
 from __future__ import annotations
@@ -47,12 +50,15 @@ class InfectionResult:
         classes: [D, H, W] uint8 (0 background, 1 GGO, 2 consolidation), or None without the multi-class model.
         models: name and sha256 of each model used.
         timings: seconds per step ("load", "infer").
+        engines: per model name, the engine that ran it and those passed over
+            (:meth:`covfast.engine.Selection.describe`).
     """
 
     prob: np.ndarray
     classes: np.ndarray | None
     models: list[dict]
     timings: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -96,7 +102,20 @@ def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str |
     Raises:
         ModelNotInstalledError: no single-class weights, or a file whose hash differs from its card.
     """
-    from covfast.nn import load_model, sha256_file
+    from covfast.nn import load_model
+
+    return {name: LoadedModel(load_model(card["file"], device), card)
+            for name, card in _verified_cards(multiclass, weights_dir).items()}
+
+
+def _verified_cards(multiclass: bool, weights_dir: str | Path) -> dict:
+    """Model cards of the single-class model (and the multi-class one if asked and installed), single-class first,
+    after checking each weights file's SHA-256 against its card.
+
+    Raises:
+        ModelNotInstalledError: no single-class weights, or a file whose hash differs from its card.
+    """
+    from covfast.nn import sha256_file
 
     cards = {card["name"]: card for card in installed_models(weights_dir)}
     if SINGLE_CLASS not in cards:
@@ -104,13 +123,10 @@ def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str |
             f"no infection model installed in {weights_dir} (expected {SINGLE_CLASS}.safetensors)"
         )
     names = [SINGLE_CLASS] + ([MULTI_CLASS] if multiclass and MULTI_CLASS in cards else [])
-    models = {}
     for name in names:
-        card = cards[name]
-        if sha256_file(card["file"]) != card["sha256"]:
-            raise ModelNotInstalledError(f"{card['file']}: SHA-256 differs from its model card; reinstall covfast")
-        models[name] = LoadedModel(load_model(card["file"], device), card)
-    return models
+        if sha256_file(cards[name]["file"]) != cards[name]["sha256"]:
+            raise ModelNotInstalledError(f"{cards[name]['file']}: SHA-256 differs from its model card; reinstall covfast")
+    return {name: cards[name] for name in names}
 
 
 def _cards_key(weights_dir) -> tuple:
@@ -119,12 +135,60 @@ def _cards_key(weights_dir) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def _shared_models(device: str, multiclass: bool, weights_dir: str, cards_key: tuple) -> dict:
-    """:func:`load_models`, loaded once per process for inference: `covfast infer` over many volumes reuses the
-    networks instead of reading and hashing the weights for each input. ``cards_key`` makes newly installed weights
-    load afresh. The models are only used under ``torch.no_grad`` and never modified."""
+def _shared_engines(engine: str, device: str, multiclass: bool, weights_dir: str, cache_dir: str,
+                    cards_key: tuple) -> dict:
+    """Engines for the installed infection models, chosen and loaded once per process: `covfast infer` over many
+    volumes reuses them instead of reading and hashing the weights (and exporting or deserialising engines) for each
+    input. ``cards_key`` (see :func:`_cards_key`) makes newly installed weights load afresh.
+
+    Returns:
+        ``{name: (Selection, card)}`` with the single-class model first.
+
+    Raises:
+        ModelNotInstalledError: see :func:`load_models`.
+        UsageError: an explicitly requested engine is unavailable.
+    """
+    from covfast.engine import select_engine
+
     del cards_key
-    return load_models(device, multiclass, weights_dir)
+    return {name: (select_engine(engine, card["file"], device=device, cache_dir=cache_dir), card)
+            for name, card in _verified_cards(multiclass, weights_dir).items()}
+
+
+def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: bool = True,
+                      weights_dir: str | Path = WEIGHTS_DIR) -> dict:
+    """The engines :func:`segment_infection` uses, loaded (and exported to ONNX where needed) on the first call.
+
+    Args:
+        engine: ``auto``, ``torch``, ``onnx`` or ``tensorrt`` (see :func:`covfast.engine.select_engine`).
+        device: ``cpu`` or ``cuda``.
+        multiclass: include the GGO / consolidation model when installed.
+        weights_dir: folder of installed weights.
+
+    Returns:
+        ``{name: (Selection, card)}`` with the single-class model first.
+
+    Raises:
+        ModelNotInstalledError: no single-class weights, or a file whose hash differs from its card.
+        UsageError: unknown ``engine``, or an explicitly requested one is unavailable (the message says why).
+    """
+    from covfast.engine import default_cache_dir
+
+    return _shared_engines(engine, device, multiclass, str(weights_dir), str(default_cache_dir()),
+                           _cards_key(weights_dir))
+
+
+def _run_engines(engines: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Standardised inputs [N, 1, S, S] float32 -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None), float32."""
+    from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
+
+    (single, _), *rest = engines.values()
+    prob = single.engine.run(x)
+    if not rest:
+        return prob, None
+    # The multi-class network takes the single-class probability as its prior channel, standardised like a slice.
+    prior = (prob - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)
+    return prob, rest[0][0].engine.run(np.concatenate([x, prior], axis=1))
 
 
 @torch.no_grad()
@@ -173,6 +237,32 @@ def window_hu(hu: np.ndarray) -> np.ndarray:
     """HU -> 8-bit lung window: clip to :data:`HU_WINDOW`, scale to 0..255; same shape, uint8."""
     lo, hi = HU_WINDOW
     return np.round((np.clip(hu.astype(np.float32), lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def window_hu_tensor(hu: torch.Tensor) -> torch.Tensor:
+    """:func:`window_hu` for a tensor of any shape, on its device (same float32 arithmetic and rounding, so equal)."""
+    lo, hi = HU_WINDOW
+    return torch.round((hu.float().clamp(lo, hi) - lo) * (255.0 / (hi - lo))).to(torch.uint8)
+
+
+def prepare_batch(hu: torch.Tensor, chunk: list[tuple[int, tuple[slice, slice]]]) -> torch.Tensor:
+    """Network inputs for a batch of lung slices, computed on ``hu``'s device.
+
+    The batch's slices are windowed in one operation; each crop is then transposed and resized on its own (crops
+    differ in size). Equal to :func:`covfast.nn.preprocess.to_input` of each :func:`slice_view`.
+
+    Args:
+        hu: [D, H, W] Hounsfield units (int16 or float32), canonical orientation, on the CPU or a GPU.
+        chunk: (z, crop) pairs from :func:`lung_slices`.
+
+    Returns:
+        [N, 1, S, S] float32 standardised inputs (S = ``INPUT_SIZE``) on ``hu``'s device.
+    """
+    from covfast.nn.preprocess import to_input
+
+    windowed = window_hu_tensor(hu.index_select(0, torch.tensor([z for z, _ in chunk], device=hu.device)))
+    return torch.cat([to_input(windowed[i, rows, cols].T.contiguous()[None, None])
+                      for i, (_, (rows, cols)) in enumerate(chunk)])
 
 
 def lung_crop(lung_slice: np.ndarray) -> tuple[slice, slice] | None:
@@ -233,6 +323,7 @@ def segment_infection(
     multiclass: bool = True,
     progress: Callable[[int, int], None] | None = None,
     weights_dir: str | Path = WEIGHTS_DIR,
+    engine: str = "auto",
 ) -> InfectionResult:
     """Infection probability (and GGO / consolidation labels) of a CT volume.
 
@@ -242,44 +333,44 @@ def segment_infection(
         lung: [D, H, W] uint8 lung mask (0 background, 1 right, 2 left).
         spacing_mm: (dz, dy, dx) voxel spacing; the 2D networks do not use it (slices are resized to the input
             size), it is part of the stage contract.
-        device: torch device.
+        device: ``cpu`` or ``cuda``.
         batch_size: slices per forward pass.
         multiclass: also run the GGO / consolidation model when installed.
         progress: optional callable(n_done, n_total) called after each batch.
         weights_dir: folder of installed weights.
+        engine: ``auto``, ``torch``, ``onnx`` or ``tensorrt`` (see :func:`covfast.engine.select_engine`).
 
     Returns:
         :class:`InfectionResult` on the full [D, H, W] grid.
 
     Raises:
         ModelNotInstalledError: no infection weights installed.
+        UsageError: the requested engine is unavailable.
         ValueError: ``hu`` and ``lung`` differ in shape or are not 3D.
     """
-    from covfast.nn.preprocess import to_input
-
     del spacing_mm
     if hu.ndim != 3 or hu.shape != lung.shape:
         raise ValueError(f"hu and lung must be [D, H, W] of one shape; got {hu.shape} and {lung.shape}")
     t0 = time.perf_counter()
-    models = _shared_models(device, multiclass, str(weights_dir), _cards_key(weights_dir))
+    engines = infection_engines(engine, device, multiclass, weights_dir)
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
     prob = np.zeros(hu.shape, np.float32)
-    classes = np.zeros(hu.shape, np.uint8) if MULTI_CLASS in models else None
+    classes = np.zeros(hu.shape, np.uint8) if MULTI_CLASS in engines else None
     work = lung_slices(lung)
+    hu_device = torch.from_numpy(hu).to(device)  # the volume goes to the device once
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
-        # Crops differ in size: each is resized to the network input on its own, then they run as one batch.
-        views = [torch.from_numpy(slice_view(hu, z, crop))[None, None] for z, crop in chunk]
-        x = torch.cat([to_input(view.to(device)) for view in views])
-        batch_prob, batch_classes = _forward(models, x)
+        x = prepare_batch(hu_device, chunk).cpu().numpy()
+        batch_prob, batch_classes = (None if p is None else torch.from_numpy(p) for p in _run_engines(engines, x))
         for i, (z, (rows, cols)) in enumerate(chunk):
-            size = views[i].shape[-2:]
+            size = (cols.stop - cols.start, rows.stop - rows.start)  # the transposed crop
             prob[z, rows, cols] = _resize(batch_prob[i : i + 1], size)[0, 0].T
             if classes is not None:
                 classes[z, rows, cols] = _resize(batch_classes[i : i + 1], size)[0].argmax(axis=0).T
         if progress is not None:
             progress(min(start + batch_size, len(work)), len(work))
     timings["infer"] = time.perf_counter() - t0
-    used = [{"name": name, "sha256": loaded.card["sha256"]} for name, loaded in models.items()]
-    return InfectionResult(prob, classes, used, timings)
+    used = [{"name": name, "sha256": card["sha256"]} for name, (_, card) in engines.items()]
+    described = {name: selection.describe() for name, (selection, _) in engines.items()}
+    return InfectionResult(prob, classes, used, timings, described)

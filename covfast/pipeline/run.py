@@ -172,6 +172,7 @@ def analyze(
     timings: dict | None = None,
     progress=None,
     diagnose_volume: bool = True,
+    engine: str = "auto",
 ) -> Result:
     """Run every stage on a loaded volume.
 
@@ -187,6 +188,8 @@ def analyze(
         progress: optional callable(n_done, n_total) for the infection network.
         diagnose_volume: run the Affinity model (lesion instances, per-slice class probabilities, volume diagnosis)
             after a network segmentation.
+        engine: inference engine of the infection networks, ``auto``, ``torch``, ``onnx`` or ``tensorrt``
+            (:func:`covfast.engine.select_engine`); what ran is recorded under the report's ``engine`` key.
 
     Returns:
         :class:`Result`.
@@ -200,6 +203,7 @@ def analyze(
         lung = compute_lung_mask(volume.hu, volume.spacing_mm)
 
     models: list[dict] = []
+    engines: dict = {}
     prob = None
     classes = None
     infection_source = None
@@ -212,9 +216,10 @@ def analyze(
                 from covfast.pipeline.infection import segment_infection
 
                 seg = segment_infection(
-                    volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size, progress=progress
+                    volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size, progress=progress,
+                    engine=engine,
                 )
-                prob, classes, models = seg.prob, seg.classes, list(seg.models)
+                prob, classes, models, engines = seg.prob, seg.classes, list(seg.models), seg.engines
                 # The networks see lung crops; what they mark outside the lung mask (bowel, chest wall) is not
                 # lung infection, so the written mask keeps only in-lung findings like the reduction does.
                 outside = lung == 0
@@ -274,6 +279,7 @@ def analyze(
         "diagnosis": diagnosis["diagnosis"] if diagnosis else None,
         "rules": rules.describe(),
         "device": device,
+        "engine": engines,
         "backend": _backend_used(device),
         "timings_s": timings,
         "notes": notes,
