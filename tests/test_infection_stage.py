@@ -217,3 +217,62 @@ def test_prepare_batch_on_cuda_matches_cpu(sample_slab):
     on_gpu = prepare_batch(torch.from_numpy(hu).cuda(), work)
     assert on_gpu.is_cuda
     torch.testing.assert_close(on_gpu.cpu(), prepare_batch(torch.from_numpy(hu), work), rtol=0, atol=1e-5)
+
+
+class _Recorder:
+    """An engine stand-in returning fixed maps and recording the batches it ran (to test the engine plumbing)."""
+
+    def __init__(self, outputs: np.ndarray):
+        self.outputs, self.batches, self.name = outputs, [], "recorder"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch)
+        return self.outputs[: len(batch)]
+
+
+def test_multiclass_network_runs_only_on_slices_with_a_finding():
+    from types import SimpleNamespace
+
+    from covfast.pipeline.infection import MULTICLASS_MIN_PROB, _run_engines
+
+    size = 8
+    prob = np.zeros((3, 1, size, size), np.float32)
+    prob[0, 0, 2, 3] = MULTICLASS_MIN_PROB  # at the threshold: runs
+    prob[1, 0] = MULTICLASS_MIN_PROB - 1e-3  # everywhere just below: skipped
+    prob[2, 0, 5, 5] = 0.97
+    single = _Recorder(prob)
+    labelled = np.random.default_rng(1).dirichlet(np.ones(3), size=(2, size, size)).transpose(0, 3, 1, 2)
+    multi = _Recorder(labelled.astype(np.float32))
+    engines = {"a": (SimpleNamespace(engine=single), {}), "b": (SimpleNamespace(engine=multi), {})}
+    x = np.random.default_rng(0).normal(size=(3, 1, size, size)).astype(np.float32)
+    out_prob, class_prob = _run_engines(engines, x)
+    np.testing.assert_array_equal(out_prob, prob)
+    (batch,) = multi.batches
+    assert batch.shape == (2, 2, size, size)
+    np.testing.assert_array_equal(batch[:, 0], x[[0, 2], 0])  # the slices, with their prior channel
+    np.testing.assert_array_equal(class_prob[[0, 2]], labelled.astype(np.float32))
+    assert (class_prob[1, 0] == 1).all() and (class_prob[1, 1:] == 0).all()
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "affinity.safetensors").exists(), reason="affinity weights not installed")
+def test_diagnosis_sees_the_probability_its_head_was_trained_on(sample_slab):
+    """The pipeline hands the Inf-Net's view probabilities to the diagnosis stage; its class probabilities then equal
+    the training path's (training/affinity.py: the Inf-Net run on the view, RoIs from that probability)."""
+    from covfast.nn.preprocess import to_input
+    from covfast.pipeline import diagnosis
+    from covfast.pipeline.infection import SINGLE_CLASS, load_models
+
+    hu, lung = sample_slab
+    seg = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="torch", multiclass=False)
+    assert sorted(seg.view_prob) == [z for z, _ in lung_slices(lung)]
+    result = diagnosis.diagnose(hu, lung, seg.prob * (lung > 0), (2.0, 0.7, 0.7), view_prob=seg.view_prob)
+    infnet = load_models("cpu", multiclass=False)[SINGLE_CLASS]
+    head, _ = diagnosis.load_affinity("cpu")
+    extractor = diagnosis.RoiFeatures(infnet.model.backbone, head.beta)
+    x = torch.cat([to_input(torch.from_numpy(slice_view(hu, z, crop))[None, None]) for z, crop in lung_slices(lung)])
+    with torch.no_grad():
+        rois, counts = extractor(x, torch.sigmoid(infnet.model(x).prediction.float()))
+        expected = diagnosis.class_probs(head(rois))
+    got = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in result["slices"]])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert [entry["lesions"] for entry in result["slices"]] == counts

@@ -15,8 +15,9 @@ pooled from the Inf-Net's own backbone, because:
 RoI features: stage-2 backbone features (64 channels, stride 8) with the infection probability (average-pooled to
 stride 8) as a 65th channel, so each RoI carries the lesion's mask as the paper's mask features do; pooled to
 28 x 28 by ``covfast.ops.roi_align``. Slices are the infection stage's input views (lung window, lung crop,
-transpose, 256 x 256: :func:`slice_view`), so training and inference see the same pixels. A slice with no lesion
-instance uses whole-lung RoIs: the crop and its two halves along the left-right axis (one per lung).
+transpose, 256 x 256: :func:`slice_view`), and the probability channel and the instances come from the Inf-Net's
+output on that view, handed over by the infection stage, so training and inference see the same inputs. A slice
+with no lesion instance uses whole-lung RoIs: the crop and its two halves along the left-right axis (one per lung).
 
 Volume aggregation rule (:data:`RULE`): slice class probabilities are the head's per-class sigmoids normalised to
 sum 1. A lung slice is abnormal when its normal probability is below 0.5. If fewer than
@@ -184,6 +185,7 @@ def diagnose(
     device: str = "cpu",
     batch_size: int = 16,
     weights_dir: str | Path = WEIGHTS_DIR,
+    view_prob: dict[int, np.ndarray] | None = None,
 ) -> dict:
     """Per-slice class probabilities, lesion instances and the volume diagnosis of a CT volume.
 
@@ -195,6 +197,10 @@ def diagnose(
         device: torch device.
         batch_size: slices per forward pass.
         weights_dir: folder of installed weights (the Inf-Net's backbone and the affinity head).
+        view_prob: ``{z: [S, S] float32}``, the Inf-Net's probability on each lung slice's view as the infection
+            stage computed it (:attr:`covfast.pipeline.infection.InfectionResult.view_prob`): exactly the input the
+            head was trained with. Slices missing from it use ``infection_prob`` (zeroed outside the lung by the
+            pipeline) resampled onto the view grid, an approximation of it.
 
     Returns:
         ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "lesions"}], "lesions": {"count",
@@ -230,7 +236,14 @@ def diagnose(
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
         x = torch.cat([to_input(torch.from_numpy(view)[None, None]) for _, (view, _) in chunk])
-        prob = torch.cat([to_view_grid(infection_prob[z, rows, cols].T, x.shape[-1]) for z, (_, (rows, cols)) in chunk])
+        prob = torch.cat(
+            [
+                torch.from_numpy(np.ascontiguousarray(view_prob[z], dtype=np.float32))[None, None]
+                if view_prob is not None and z in view_prob
+                else to_view_grid(infection_prob[z, rows, cols].T, x.shape[-1])
+                for z, (_, (rows, cols)) in chunk
+            ]
+        )
         rois, counts = extractor(x, prob)
         with torch.no_grad():
             probs = class_probs(head(rois.to(device)))

@@ -205,6 +205,7 @@ def analyze(
     models: list[dict] = []
     engines: dict = {}
     prob = None
+    view_prob = None
     classes = None
     infection_source = None
     with _timed(timings, "infection"):
@@ -220,6 +221,7 @@ def analyze(
                     engine=engine,
                 )
                 prob, classes, models, engines = seg.prob, seg.classes, list(seg.models), seg.engines
+                view_prob = seg.view_prob
                 # The networks see lung crops; what they mark outside the lung mask (bowel, chest wall) is not
                 # lung infection, so the written mask keeps only in-lung findings like the reduction does.
                 outside = lung == 0
@@ -257,7 +259,7 @@ def analyze(
     diagnosis = None
     if prob is not None and diagnose_volume:
         with _timed(timings, "diagnosis"):
-            diagnosis = _diagnose(volume, lung, prob, device, batch_size, summary, models, notes)
+            diagnosis = _diagnose(volume, lung, prob, view_prob, device, batch_size, summary, models, notes)
 
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -294,13 +296,15 @@ def analyze(
     )
 
 
-def _diagnose(volume, lung, prob, device, batch_size, summary, models, notes) -> dict | None:
+def _diagnose(volume, lung, prob, view_prob, device, batch_size, summary, models, notes) -> dict | None:
     """Lesion instances and the COVID-19 / pneumonia / normal call of the Affinity model, merged into ``summary``'s
     per-slice entries (``class_probs``, ``lesions``); None, with a note, when its weights are not installed."""
     from covfast.pipeline.diagnosis import diagnose
 
     try:
-        result = diagnose(volume.hu, lung, prob, volume.spacing_mm, device=device, batch_size=batch_size)
+        result = diagnose(
+            volume.hu, lung, prob, volume.spacing_mm, device=device, batch_size=batch_size, view_prob=view_prob
+        )
     except ModelNotInstalledError as exc:
         notes.append(f"no diagnosis: {exc}")
         return None
