@@ -92,6 +92,10 @@ def test_lesion_volumes_counts_3d_components_inside_lung():
     lung[4] = 0  # ... outside the lung
     volumes = lesion_volumes(prob, lung, (2.0, 1.0, 1.0))
     assert volumes == [pytest.approx(0.1)]
+    prob[5, 19, 14:20] = 0.8  # 6 voxels on the far corner: the labelled box spans the whole volume
+    prob[5, 18, 19] = 0.8  # diagonal neighbour: the same 26-connected lesion
+    assert lesion_volumes(prob, lung, (2.0, 1.0, 1.0)) == [pytest.approx(0.1), pytest.approx(0.014)]
+    assert lesion_volumes(np.zeros_like(prob), lung, (2.0, 1.0, 1.0)) == []
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "affinity.safetensors").exists(), reason="affinity weights not installed")

@@ -153,7 +153,14 @@ def lesion_volumes(infection_prob: np.ndarray, lung: np.ndarray, spacing_mm) -> 
     import cc3d
 
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    labels = cc3d.connected_components((infection_prob >= PROB_THRESHOLD) & (lung > 0), connectivity=26)
+    mask = (infection_prob >= PROB_THRESHOLD) & (lung > 0)
+    if not mask.any():
+        return []
+    # Label only the lesions' bounding box: the same components, a smaller array to label and count.
+    box = tuple(
+        slice(idx[0], idx[-1] + 1) for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    )
+    labels = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26)
     sizes = np.bincount(labels.ravel())[1:] * voxel_ml
     return sorted((float(v) for v in sizes if v >= MIN_LESION_ML), reverse=True)
 
