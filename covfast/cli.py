@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import sys
 from pathlib import Path
 
@@ -206,6 +207,7 @@ def cmd_infer(args) -> int:
         raise UsageError("--infection-mask applies to a single input")
     device = resolve_device(args.device)
     inputs = find_inputs(args.inputs)
+    _show_progress_messages(not args.quiet)
     if args.engine in ("onnx", "tensorrt") and not args.infection_mask:
         _load_engines(args.engine, device)
     taken: set[str] = set()
@@ -234,6 +236,17 @@ def cmd_infer(args) -> int:
         tqdm.write(_summary_line(names[index], outcome.report, out_root / names[index]))
     bar.close()
     return EXIT_BAD_INPUT if failures else EXIT_OK
+
+
+def _show_progress_messages(show: bool) -> None:
+    """Send covfast's own log messages (e.g. a one-time ONNX export that takes seconds) to stderr unless quiet."""
+    logger = logging.getLogger("covfast")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("covfast: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if show else logging.WARNING)
 
 
 def cmd_info(args) -> int:

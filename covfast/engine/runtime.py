@@ -11,6 +11,7 @@ passed over is listed with the reason in :attr:`Selection.skipped`.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from covfast.engine.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, Probabili
 from covfast.errors import UsageError
 
 ENGINES = ("auto", "torch", "onnx", "tensorrt")
+log = logging.getLogger("covfast")
 # TensorRT engines are tried in this order when no precision is asked for.
 _PRECISION_PREFERENCE = ("fp16", "bf16", "fp32")
 
@@ -50,6 +52,7 @@ def ensure_onnx(model_file: str | Path, out_dir: str | Path) -> dict:
         if metadata.get("model_sha256") == sha and metadata.get("opset") == str(OPSET):
             return {"path": str(path), "metadata": metadata, "reused": True}
     arch, config = read_architecture(model_file)
+    log.info("exporting %s to ONNX for onnxruntime (once per weights; kept in %s)", model_file.stem, out_dir)
     exported = export_onnx(load_model(model_file), path, model_sha256=sha, model_name=model_file.stem, arch=arch,
                            config=config)
     return {**exported, "reused": False}
