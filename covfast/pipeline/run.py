@@ -103,6 +103,10 @@ class Result:
                 f"lung {report['lung_volume_ml']['total']:.0f} mL, infected "
                 f"{report['infected_volume_ml']['total']:.1f} mL = {pct:.1f} % -> {report['severity']['ct_class']}"
             )
+        diagnosis = report.get("diagnosis")
+        if diagnosis:
+            probs = ", ".join(f"{name} {p:.2f}" for name, p in diagnosis["probs"].items())
+            summary += f"; Affinity diagnosis (experimental): {diagnosis['label']} ({probs})"
         return render_preview(
             self.volume.hu,
             self.lung_mask,
