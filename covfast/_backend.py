@@ -162,6 +162,29 @@ def dispatch(op: str, device_type: str) -> Callable:
     return implementation(op, select(op, device_type))
 
 
+def runs_eagerly(*tensors) -> bool:
+    """Whether an op call on ``tensors`` may run its implementation directly instead of through ``torch.ops``.
+
+    True for plain tensors that need no gradient, outside ``torch.compile`` / ``torch.export`` tracing and functorch
+    transforms: then the custom op's machinery only adds cost, chiefly its first call, which imports ``torch._dynamo``
+    (about 1.1-1.4 s on the 2-core CPU, with triton behind it) in a ``covfast infer`` run that otherwise never needs
+    it. Everything else (autograd, fake and functional tensors of tracing, ONNX export, opcheck) goes through the op.
+    """
+    import torch
+
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    for tensor in tensors:
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or torch._C._functorch.is_functorch_wrapped_tensor(
+            tensor
+        ):
+            return False
+        if grad and tensor.requires_grad:
+            return False
+    return True
+
+
 def selected_backends(device_type: str) -> dict[str, str]:
     """op -> backend that runs it on ``device_type``, for reports."""
     importlib.import_module("covfast.ops")

@@ -54,3 +54,51 @@ def test_cuda_entry_point_without_gpu_raises_clearly():
 def test_unknown_implementation():
     with pytest.raises(NotImplementedError):
         _backend.implementation("coach_mask", "cpp")
+
+
+def test_runs_eagerly_only_for_plain_tensors_without_gradient():
+    import torch
+
+    x = torch.ones(3, requires_grad=True)
+    assert _backend.runs_eagerly(torch.ones(2), torch.nn.Parameter(torch.ones(2)).detach())
+    assert not _backend.runs_eagerly(torch.ones(2), x)
+    with torch.no_grad():
+        assert _backend.runs_eagerly(x, torch.nn.Parameter(torch.ones(2)))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not _backend.runs_eagerly(torch.empty(2))
+    assert not torch.func.vmap(lambda t: torch.tensor(_backend.runs_eagerly(t)))(torch.ones(2, 3)).any()
+
+
+def test_inference_calls_give_the_op_results_without_importing_dynamo():
+    """The diagnosis and reduction ops called for inference skip the custom-op machinery, whose first call imports
+    torch._dynamo (about a second of every `covfast infer` run), and return what the registered op returns."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from covfast import ops
+g = torch.Generator().manual_seed(0)
+lung = torch.randint(0, 3, (4, 9, 7), dtype=torch.uint8, generator=g)
+prob = torch.rand(4, 9, 7, generator=g)
+feats = torch.rand(2, 3, 16, 16, generator=g)
+rois = torch.tensor([[0, 1.0, 2.0, 9.0, 12.0], [1, 0.0, 0.0, 15.0, 15.0]])
+slots = torch.tensor([0, 1, 1, 0])
+x, w, v = torch.rand(2, 8, 5, generator=g), torch.rand(8, 4, generator=g), torch.rand(4, generator=g)
+with torch.no_grad():
+    eager = [ops.infection_ratio(lung, prob, 0.5), ops.roi_align_slots(feats, rois, slots, 4, 0.5, 2, True),
+             ops.affinity(x, w, v)]
+assert "torch._dynamo" not in sys.modules, "an inference op call imported torch._dynamo"
+through_op = [torch.ops.covfast.infection_ratio(lung, prob, 0.5),
+              torch.ops.covfast.roi_align_slots(feats, rois, slots, [4, 4], 0.5, 2, True),
+              torch.ops.covfast.affinity(x, w, v)]
+for a, b in zip(eager, through_op):
+    for s, t in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        assert torch.equal(s, t)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from covfast import _backend
 from covfast.ops import reference
 
 
@@ -19,7 +20,14 @@ def _check(features: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor) -
         )
 
 
-@torch.library.custom_op("covfast::affinity", mutates_args=())
+def _affinity_body(features: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    _check(features, weight, vector)
+    return reference.affinity(features, weight, vector)
+
+
+_affinity_op = torch.library.custom_op("covfast::affinity", mutates_args=())(_affinity_body)
+
+
 def affinity(features: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     """Affinity head ``z = (W^T X)^T v`` (Ter-Sarkisov, one-shot COVID-19 model), computed as ``X^T (W v)``.
 
@@ -34,11 +42,12 @@ def affinity(features: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor)
     Returns:
         z, [C] or [N, C].
     """
-    _check(features, weight, vector)
-    return reference.affinity(features, weight, vector)
+    if _backend.runs_eagerly(features, weight, vector):
+        return _affinity_body(features, weight, vector)
+    return torch.ops.covfast.affinity(features, weight, vector)
 
 
-@affinity.register_fake
+@_affinity_op.register_fake
 def _(features, weight, vector):
     _check(features, weight, vector)
     return features.new_empty((*features.shape[:-2], features.shape[-1]))
@@ -65,4 +74,4 @@ def _backward(ctx, grad):
     return torch.ops.covfast.affinity_backward(grad, *ctx.saved_tensors)
 
 
-affinity.register_autograd(_backward, setup_context=_setup_context)
+_affinity_op.register_autograd(_backward, setup_context=_setup_context)

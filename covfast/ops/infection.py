@@ -123,12 +123,14 @@ def _infection_ratio_triton(lung: torch.Tensor, infection: torch.Tensor, thresho
     return counts[:, :2].contiguous(), infected, soft
 
 
-@torch.library.custom_op("covfast::infection_ratio", mutates_args=())
-def _infection_ratio_op(
+def _infection_ratio_body(
     lung: torch.Tensor, infection: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(lung, infection)
     return _backend.dispatch("infection_ratio", lung.device.type)(lung, infection, threshold)
+
+
+_infection_ratio_op = torch.library.custom_op("covfast::infection_ratio", mutates_args=())(_infection_ratio_body)
 
 
 @_infection_ratio_op.register_fake
@@ -165,6 +167,8 @@ def infection_ratio(
     Raises:
         ValueError: wrong shapes or dtypes, or uint8 ``infection`` with a value other than 0, 1, 2.
     """
+    if _backend.runs_eagerly(lung, infection):
+        return _infection_ratio_body(lung, infection, float(threshold))
     return torch.ops.covfast.infection_ratio(lung, infection, float(threshold))
 
 

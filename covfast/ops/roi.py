@@ -303,8 +303,7 @@ def _roi_align_slots_cpp(features, rois, slot_roi, output_size, spatial_scale, s
     return _roi_align_cpp_rows(features, rois, output_size, spatial_scale, sampling_ratio, aligned, slot_roi)
 
 
-@torch.library.custom_op("covfast::roi_align_slots", mutates_args=())
-def _roi_align_slots_op(
+def _roi_align_slots_body(
     features: torch.Tensor,
     rois: torch.Tensor,
     slot_roi: torch.Tensor,
@@ -319,6 +318,9 @@ def _roi_align_slots_op(
     _check_slot_values(rois, slot_roi)
     impl = _backend.dispatch("roi_align_slots", features.device.type)
     return impl(features, rois, slot_roi, tuple(output_size), spatial_scale, sampling_ratio, aligned)
+
+
+_roi_align_slots_op = torch.library.custom_op("covfast::roi_align_slots", mutates_args=())(_roi_align_slots_body)
 
 
 @_roi_align_slots_op.register_fake
@@ -371,6 +373,7 @@ def roi_align_slots(
     """
     if isinstance(output_size, int):
         output_size = (output_size, output_size)
-    return torch.ops.covfast.roi_align_slots(
-        features, rois, slot_roi, list(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned)
-    )
+    args = (features, rois, slot_roi, list(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned))
+    if _backend.runs_eagerly(features, rois, slot_roi):
+        return _roi_align_slots_body(*args)
+    return torch.ops.covfast.roi_align_slots(*args)
