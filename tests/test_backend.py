@@ -72,7 +72,7 @@ def test_runs_eagerly_only_for_plain_tensors_without_gradient():
 
 
 def test_inference_calls_give_the_op_results_without_importing_dynamo():
-    """The diagnosis and reduction ops called for inference skip the custom-op machinery, whose first call imports
+    """The reduction, diagnosis and Inf-Net ops called for inference skip the custom-op machinery, whose first call imports
     torch._dynamo (about a second of every `covfast infer` run), and return what the registered op returns."""
     import subprocess
     import sys
@@ -87,13 +87,14 @@ feats = torch.rand(2, 3, 16, 16, generator=g)
 rois = torch.tensor([[0, 1.0, 2.0, 9.0, 12.0], [1, 0.0, 0.0, 15.0, 15.0]])
 slots = torch.tensor([0, 1, 1, 0])
 x, w, v = torch.rand(2, 8, 5, generator=g), torch.rand(8, 4, generator=g), torch.rand(4, generator=g)
+fx, edge, side = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 2, 16, 16, generator=g), torch.rand(2, 1, 4, 4)
 with torch.no_grad():
     eager = [ops.infection_ratio(lung, prob, 0.5), ops.roi_align_slots(feats, rois, slots, 4, 0.5, 2, True),
-             ops.affinity(x, w, v)]
+             ops.affinity(x, w, v), ops.reverse_attention_concat(fx, edge, side)]
 assert "torch._dynamo" not in sys.modules, "an inference op call imported torch._dynamo"
 through_op = [torch.ops.covfast.infection_ratio(lung, prob, 0.5),
               torch.ops.covfast.roi_align_slots(feats, rois, slots, [4, 4], 0.5, 2, True),
-              torch.ops.covfast.affinity(x, w, v)]
+              torch.ops.covfast.affinity(x, w, v), torch.ops.covfast.reverse_attention_concat(fx, edge, side)]
 for a, b in zip(eager, through_op):
     for s, t in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
         assert torch.equal(s, t)

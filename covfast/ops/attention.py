@@ -251,7 +251,16 @@ def _check_concat(x: torch.Tensor, edge: torch.Tensor, side: torch.Tensor) -> No
         )
 
 
-@torch.library.custom_op("covfast::reverse_attention_concat", mutates_args=())
+def _reverse_attention_concat_body(x: torch.Tensor, edge: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    _check_concat(x, edge, side)
+    return _backend.dispatch("reverse_attention_concat", x.device.type)(x, edge, side)
+
+
+_reverse_attention_concat_op = torch.library.custom_op("covfast::reverse_attention_concat", mutates_args=())(
+    _reverse_attention_concat_body
+)
+
+
 def reverse_attention_concat(x: torch.Tensor, edge: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
     """Reverse attention fused with the concatenation of resized edge features (Fan et al., Inf-Net, IEEE TMI 2020).
 
@@ -266,11 +275,12 @@ def reverse_attention_concat(x: torch.Tensor, edge: torch.Tensor, side: torch.Te
     Returns:
         [B, C1 + C2, H, W], dtype of ``x``.
     """
-    _check_concat(x, edge, side)
-    return _backend.dispatch("reverse_attention_concat", x.device.type)(x, edge, side)
+    if _backend.runs_eagerly(x, edge, side):
+        return _reverse_attention_concat_body(x, edge, side)
+    return torch.ops.covfast.reverse_attention_concat(x, edge, side)
 
 
-@reverse_attention_concat.register_fake
+@_reverse_attention_concat_op.register_fake
 def _(x, edge, side):
     _check_concat(x, edge, side)
     return x.new_empty((x.shape[0], x.shape[1] + edge.shape[1], x.shape[2], x.shape[3]))
@@ -299,4 +309,4 @@ def _backward_concat(ctx, grad):
     return torch.ops.covfast.reverse_attention_concat_backward(grad, *ctx.saved_tensors)
 
 
-reverse_attention_concat.register_autograd(_backward_concat, setup_context=_setup_context_concat)
+_reverse_attention_concat_op.register_autograd(_backward_concat, setup_context=_setup_context_concat)
