@@ -185,6 +185,16 @@ def runs_eagerly(*tensors) -> bool:
     return True
 
 
+def call(body: Callable, op: Callable, *args):
+    """Run an op: ``body(*args)`` (the function registered as the custom op ``op``) when :func:`runs_eagerly` holds
+    for the tensor arguments, else ``op(*args)`` through ``torch.ops``."""
+    import torch
+
+    if runs_eagerly(*(arg for arg in args if isinstance(arg, torch.Tensor))):
+        return body(*args)
+    return op(*args)
+
+
 def selected_backends(device_type: str) -> dict[str, str]:
     """op -> backend that runs it on ``device_type``, for reports."""
     importlib.import_module("covfast.ops")

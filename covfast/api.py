@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covfast.errors import CovfastError, InputError, UsageError
+from covfast.errors import CovfastError, InputError
 from covfast.pipeline.severity import DEFAULT_RULES, SeverityRules
 
 
@@ -92,10 +92,9 @@ def infer(
 
 
 def _check_engine(engine: str) -> None:
-    from covfast.engine.runtime import ENGINES
+    from covfast.engine.runtime import check_engine
 
-    if engine not in ENGINES:
-        raise UsageError(f"unknown engine {engine!r} (choose one of {', '.join(ENGINES)})")
+    check_engine(engine)
 
 
 def _timed_load(path_or_array, spacing=None, series: str | None = None) -> tuple:

@@ -9,7 +9,6 @@ file says where its numbers come from.
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import resource
 import statistics
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import covfast
+from covfast.info import cpu_name
 
 # Pipeline stages in the order they run, with the report's ``timings_s`` entries each one sums.
 STAGES = {
@@ -30,20 +30,6 @@ STAGES = {
     "diagnosis": ("diagnosis",),
     "write": ("write_masks", "preview"),
 }
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (``platform.processor()`` elsewhere), with the usable core count."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores"
 
 
 def _versions() -> dict:

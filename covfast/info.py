@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import platform
+from pathlib import Path
 
 import covfast
 
@@ -29,10 +31,24 @@ def _cuda_extension() -> dict:
     return status
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` elsewhere), with the usable core count."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores"
+
+
 def _devices() -> list[dict]:
     import torch
 
-    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}]
+    devices = [{"type": "cpu", "name": cpu_name(), "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)

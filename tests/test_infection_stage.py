@@ -220,10 +220,10 @@ def test_prepare_batch_on_cuda_matches_cpu(sample_slab):
 
 
 class _Recorder:
-    """An engine stand-in returning fixed maps and recording the batches it ran (to test the engine plumbing)."""
+    """A network stand-in returning fixed maps and recording the batches it ran (to test the plumbing around it)."""
 
     def __init__(self, outputs: np.ndarray):
-        self.outputs, self.batches, self.name = outputs, [], "recorder"
+        self.outputs, self.batches = outputs, []
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         self.batches.append(batch)
@@ -231,9 +231,7 @@ class _Recorder:
 
 
 def test_multiclass_network_runs_only_on_slices_with_a_finding():
-    from types import SimpleNamespace
-
-    from covfast.pipeline.infection import MULTICLASS_MIN_PROB, _run_engines
+    from covfast.pipeline.infection import MULTICLASS_MIN_PROB, _run_networks
 
     size = 8
     prob = np.zeros((3, 1, size, size), np.float32)
@@ -243,9 +241,8 @@ def test_multiclass_network_runs_only_on_slices_with_a_finding():
     single = _Recorder(prob)
     labelled = np.random.default_rng(1).dirichlet(np.ones(3), size=(2, size, size)).transpose(0, 3, 1, 2)
     multi = _Recorder(labelled.astype(np.float32))
-    engines = {"a": (SimpleNamespace(engine=single), {}), "b": (SimpleNamespace(engine=multi), {})}
     x = np.random.default_rng(0).normal(size=(3, 1, size, size)).astype(np.float32)
-    out_prob, class_prob = _run_engines(engines, x)
+    out_prob, class_prob = _run_networks([single.run, multi.run], x)
     np.testing.assert_array_equal(out_prob, prob)
     (batch,) = multi.batches
     assert batch.shape == (2, 2, size, size)

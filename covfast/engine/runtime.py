@@ -27,6 +27,12 @@ log = logging.getLogger("covfast")
 _PRECISION_PREFERENCE = ("fp16", "bf16", "fp32")
 
 
+def check_engine(kind: str) -> None:
+    """Raise :class:`~covfast.errors.UsageError` unless ``kind`` is one of :data:`ENGINES`."""
+    if kind not in ENGINES:
+        raise UsageError(f"unknown engine {kind!r} (choose one of {', '.join(ENGINES)})")
+
+
 def default_cache_dir() -> Path:
     """Folder of exported ONNX files and TensorRT engines: ``$COVFAST_ENGINE_DIR`` or ``~/.cache/covfast/engines``."""
     return Path(os.environ.get("COVFAST_ENGINE_DIR") or Path.home() / ".cache" / "covfast" / "engines")
@@ -181,8 +187,7 @@ def select_engine(
     from covfast.nn import load_model
     from covfast.nn.preprocess import INPUT_SIZE
 
-    if kind not in ENGINES:
-        raise UsageError(f"unknown engine {kind!r} (choose one of {', '.join(ENGINES)})")
+    check_engine(kind)
     model_file = Path(model_file)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cuda = torch.cuda.is_available() and device != "cpu"

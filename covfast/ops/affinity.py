@@ -42,9 +42,7 @@ def affinity(features: torch.Tensor, weight: torch.Tensor, vector: torch.Tensor)
     Returns:
         z, [C] or [N, C].
     """
-    if _backend.runs_eagerly(features, weight, vector):
-        return _affinity_body(features, weight, vector)
-    return torch.ops.covfast.affinity(features, weight, vector)
+    return _backend.call(_affinity_body, torch.ops.covfast.affinity, features, weight, vector)
 
 
 @_affinity_op.register_fake

@@ -275,9 +275,7 @@ def reverse_attention_concat(x: torch.Tensor, edge: torch.Tensor, side: torch.Te
     Returns:
         [B, C1 + C2, H, W], dtype of ``x``.
     """
-    if _backend.runs_eagerly(x, edge, side):
-        return _reverse_attention_concat_body(x, edge, side)
-    return torch.ops.covfast.reverse_attention_concat(x, edge, side)
+    return _backend.call(_reverse_attention_concat_body, torch.ops.covfast.reverse_attention_concat, x, edge, side)
 
 
 @_reverse_attention_concat_op.register_fake

@@ -167,9 +167,7 @@ def infection_ratio(
     Raises:
         ValueError: wrong shapes or dtypes, or uint8 ``infection`` with a value other than 0, 1, 2.
     """
-    if _backend.runs_eagerly(lung, infection):
-        return _infection_ratio_body(lung, infection, float(threshold))
-    return torch.ops.covfast.infection_ratio(lung, infection, float(threshold))
+    return _backend.call(_infection_ratio_body, torch.ops.covfast.infection_ratio, lung, infection, float(threshold))
 
 
 def infection_totals(

@@ -374,6 +374,4 @@ def roi_align_slots(
     if isinstance(output_size, int):
         output_size = (output_size, output_size)
     args = (features, rois, slot_roi, list(output_size), float(spatial_scale), int(sampling_ratio), bool(aligned))
-    if _backend.runs_eagerly(features, rois, slot_roi):
-        return _roi_align_slots_body(*args)
-    return torch.ops.covfast.roi_align_slots(*args)
+    return _backend.call(_roi_align_slots_body, torch.ops.covfast.roi_align_slots, *args)

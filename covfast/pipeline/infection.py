@@ -187,12 +187,16 @@ def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: boo
                            _cards_key(weights_dir))
 
 
-def _run_engines(engines: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Standardised inputs [N, 1, S, S] float32 -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None), float32."""
+def _run_networks(runners: list[Callable], x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Standardised inputs [N, 1, S, S] float32 -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None), float32.
+
+    ``runners``: the single-class network's ``run`` (batch -> probabilities), then the multi-class network's if it
+    is installed (engines' ``run`` methods, :mod:`covfast.engine.runtime`).
+    """
     from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
 
-    (single, _), *rest = engines.values()
-    prob = single.engine.run(x)
+    single, *rest = runners
+    prob = single(x)
     if not rest:
         return prob, None
     class_prob = np.zeros((prob.shape[0], 3, *prob.shape[2:]), np.float32)
@@ -201,26 +205,7 @@ def _run_engines(engines: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray |
     if found.any():
         # The multi-class network takes the single-class probability as its prior channel, standardised like a slice.
         prior = (prob[found] - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)
-        class_prob[found] = rest[0][0].engine.run(np.concatenate([x[found], prior], axis=1))
-    return prob, class_prob
-
-
-@torch.no_grad()
-def _forward(models: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Standardised inputs [N, 1, S, S] -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None), float32."""
-    from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
-
-    prob = torch.sigmoid(models[SINGLE_CLASS].model(x).prediction.float())
-    if MULTI_CLASS not in models:
-        return prob, None
-    class_prob = torch.zeros((prob.shape[0], 3, *prob.shape[2:]), dtype=torch.float32, device=prob.device)
-    class_prob[:, 0] = 1.0
-    found = prob.flatten(1).amax(dim=1) >= MULTICLASS_MIN_PROB
-    if found.any():
-        # The multi-class network takes the single-class probability as its prior channel, standardised like a slice.
-        prior = (prob[found] - PIXEL_MEAN) / PIXEL_STD
-        logits = models[MULTI_CLASS].model(torch.cat([x[found], prior], dim=1)).float()
-        class_prob[found] = torch.softmax(logits, dim=1)
+        class_prob[found] = rest[0](np.concatenate([x[found], prior], axis=1))
     return prob, class_prob
 
 
@@ -240,16 +225,18 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
     Returns:
         (prob [N, H, W] float32, class_prob [N, 3, H, W] float32 or None without a multi-class model).
     """
+    from covfast.engine.runtime import TorchEngine
     from covfast.nn.preprocess import to_input
 
+    runners = [TorchEngine(loaded.model, device).run for loaded in models.values()]
     size = slices.shape[1:]
     probs, class_probs = [], []
     for start in range(0, len(slices), batch_size):
-        batch = torch.from_numpy(np.array(slices[start : start + batch_size], dtype=np.uint8))[:, None].to(device)
-        prob, class_prob = _forward(models, to_input(batch))
-        probs.append(_resize(prob, size)[:, 0])
+        batch = torch.from_numpy(np.array(slices[start : start + batch_size], dtype=np.uint8))[:, None]
+        prob, class_prob = _run_networks(runners, to_input(batch).numpy())
+        probs.append(_resize(torch.from_numpy(prob), size)[:, 0])
         if class_prob is not None:
-            class_probs.append(_resize(class_prob, size))
+            class_probs.append(_resize(torch.from_numpy(class_prob), size))
     return np.concatenate(probs), (np.concatenate(class_probs) if class_probs else None)
 
 
@@ -383,7 +370,8 @@ def segment_infection(
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
         x = prepare_batch(hu_device, chunk).cpu().numpy()
-        batch_prob, batch_classes = (None if p is None else torch.from_numpy(p) for p in _run_engines(engines, x))
+        runners = [selection.engine.run for selection, _ in engines.values()]
+        batch_prob, batch_classes = (None if p is None else torch.from_numpy(p) for p in _run_networks(runners, x))
         for i, (z, (rows, cols)) in enumerate(chunk):
             view_prob[z] = batch_prob[i, 0].numpy()
             size = (cols.stop - cols.start, rows.stop - rows.start)  # the transposed crop
