@@ -123,6 +123,14 @@ def test_onnxruntime_matches_torch_single_class(infnet_onnx, batch_size):
     batch = np.random.default_rng(batch_size).standard_normal((batch_size, 1, SIZE, SIZE)).astype(np.float32)
     got, expected = _parity(engine, model, batch)
     assert np.abs(got - expected).max() < 1e-4
+    # The second output: the backbone features the diagnosis stage pools its RoIs from, as torch computes them.
+    assert read_metadata(exported["path"])["outputs"] == "prob,features"
+    prob, features = engine.run_with_features(torch.from_numpy(batch))
+    with torch.no_grad():
+        expected_features = model(torch.from_numpy(batch)).features
+    assert features.shape == expected_features.shape == (batch_size, model.backbone.widths[1], SIZE // 8, SIZE // 8)
+    torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(prob.numpy(), got)
     # 0.5 is the pipeline's threshold; the median makes both masks half full, the hardest case for Dice.
     for threshold in (0.5, float(np.median(expected))):
         assert (expected > threshold).any()

@@ -173,7 +173,8 @@ def test_torch_engine_matches_the_networks_run_directly(sample_slab):
     z, crop = lung_slices(lung)[2]
     view = slice_view(hu, z, crop)
     prob, _ = predict_slices(load_models("cpu"), view[None])
-    np.testing.assert_allclose(result.prob[z, crop[0], crop[1]], prob[0].T, atol=1e-5)
+    in_lung = lung[z, crop[0], crop[1]] > 0  # the stage keeps only in-lung findings
+    np.testing.assert_allclose(result.prob[z, crop[0], crop[1]], np.where(in_lung, prob[0].T, 0), atol=1e-5)
 
 
 def test_unknown_engine_is_a_usage_error():
@@ -223,11 +224,14 @@ class _Recorder:
     """A network stand-in returning fixed maps and recording the batches it ran (to test the plumbing around it)."""
 
     def __init__(self, outputs: np.ndarray):
-        self.outputs, self.batches = outputs, []
+        self.outputs, self.batches = torch.from_numpy(outputs), []
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         self.batches.append(batch)
         return self.outputs[: len(batch)]
+
+    def run_with_features(self, batch: torch.Tensor):
+        return self.run_tensor(batch), None
 
 
 def test_multiclass_network_runs_only_on_slices_with_a_finding():
@@ -241,14 +245,50 @@ def test_multiclass_network_runs_only_on_slices_with_a_finding():
     single = _Recorder(prob)
     labelled = np.random.default_rng(1).dirichlet(np.ones(3), size=(2, size, size)).transpose(0, 3, 1, 2)
     multi = _Recorder(labelled.astype(np.float32))
-    x = np.random.default_rng(0).normal(size=(3, 1, size, size)).astype(np.float32)
-    out_prob, class_prob = _run_networks([single.run, multi.run], x)
-    np.testing.assert_array_equal(out_prob, prob)
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 1, size, size)).astype(np.float32))
+    out_prob, class_prob, features = _run_networks([single.run_with_features, multi.run_tensor], x)
+    assert features is None
+    np.testing.assert_array_equal(out_prob.numpy(), prob)
     (batch,) = multi.batches
     assert batch.shape == (2, 2, size, size)
-    np.testing.assert_array_equal(batch[:, 0], x[[0, 2], 0])  # the slices, with their prior channel
-    np.testing.assert_array_equal(class_prob[[0, 2]], labelled.astype(np.float32))
+    torch.testing.assert_close(batch[:, 0], x[[0, 2], 0], rtol=0, atol=0)  # the slices, with their prior channel
+    np.testing.assert_array_equal(class_prob[[0, 2]].numpy(), labelled.astype(np.float32))
     assert (class_prob[1, 0] == 1).all() and (class_prob[1, 1:] == 0).all()
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+def test_stage_counts_equal_the_reduction_of_its_masks(sample_slab):
+    """The per-slice counts the stage takes where the masks are made equal infection_ratio on the returned arrays;
+    nothing is marked outside the lung mask."""
+    from covfast.ops import infection_ratio
+    from covfast.pipeline.severity import PROBABILITY_THRESHOLD
+
+    hu, lung = sample_slab
+    seg = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="torch")
+    outside = lung == 0
+    assert not seg.prob[outside].any() and not seg.mask[outside].any()
+    if seg.classes is None:
+        np.testing.assert_array_equal(seg.mask, (seg.prob > PROBABILITY_THRESHOLD).astype(np.uint8))
+    else:
+        assert seg.mask is seg.classes
+    lung_voxels, infected_voxels, _ = infection_ratio(torch.from_numpy(lung), torch.from_numpy(seg.mask), 0.5)
+    soft_sum = infection_ratio(torch.from_numpy(lung), torch.from_numpy(seg.prob), 0.5)[2]
+    np.testing.assert_array_equal(seg.counts.lung_voxels, lung_voxels.numpy())
+    np.testing.assert_array_equal(seg.counts.infected_voxels, infected_voxels.numpy())
+    np.testing.assert_allclose(seg.counts.soft_sum, soft_sum.numpy(), rtol=1e-12)
+    assert seg.counts.infected_voxels.sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+def test_stage_on_cuda_matches_cpu(sample_slab):
+    """The device-resident stage (volume, crops, networks, masks and counts on the GPU) against the CPU run."""
+    hu, lung = sample_slab
+    gpu = segment_infection(hu, lung, (2.0, 0.7, 0.7), device="cuda", engine="torch")
+    cpu = segment_infection(hu, lung, (2.0, 0.7, 0.7), device="cpu", engine="torch")
+    assert np.abs(gpu.prob - cpu.prob).max() < 1e-3
+    assert _dice(gpu.mask > 0, cpu.mask > 0) > 0.99
+    np.testing.assert_array_equal(gpu.counts.lung_voxels, cpu.counts.lung_voxels)
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "affinity.safetensors").exists(), reason="affinity weights not installed")
@@ -273,3 +313,10 @@ def test_diagnosis_sees_the_probability_its_head_was_trained_on(sample_slab):
     got = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in result["slices"]])
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert [entry["lesions"] for entry in result["slices"]] == counts
+    # The backbone features the infection stage hands over replace the diagnosis' own backbone pass.
+    assert sorted(seg.view_features) == sorted(seg.view_prob)
+    reused = diagnosis.diagnose(hu, lung, seg.prob, (2.0, 0.7, 0.7), view_prob=seg.view_prob,
+                                view_features=seg.view_features)
+    again = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in reused["slices"]])
+    np.testing.assert_allclose(again, expected, atol=1e-4)
+    assert [entry["lesions"] for entry in reused["slices"]] == counts

@@ -31,6 +31,7 @@ from covfast.nn.preprocess import INPUT_SIZE
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "prob"
+FEATURES_NAME = "features"
 # Upper bound of the dynamic batch dimension seen by torch.export; the TensorRT profile picks its own range.
 _EXPORT_MAX_BATCH = 1024
 
@@ -41,11 +42,14 @@ class ProbabilityHead(nn.Module):
     Args:
         model: an :class:`~covfast.nn.InfNet` (its final prediction S_3 is used) or a network returning logits
             ``[N, K, H, W]`` (:class:`~covfast.nn.UNet`, :class:`~covfast.nn.ResUNet`).
+        features: also return the Inf-Net's stride-8 backbone features (:attr:`covfast.nn.InfNetOutput.features`),
+            which the diagnosis stage would otherwise compute again; ignored for networks without them.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, features: bool = False):
         super().__init__()
         self.model = model
+        self.features = features and has_features(model)
 
     @property
     def activation(self) -> str:
@@ -54,11 +58,20 @@ class ProbabilityHead(nn.Module):
         last = head[-1] if isinstance(head, nn.Sequential) else head
         return "softmax" if isinstance(last, nn.Conv2d) and last.out_channels > 1 else "sigmoid"
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image: [N, C, H, W] float32 standardised slices -> [N, K, H, W] float32 probabilities."""
+    def forward(self, image: torch.Tensor):
+        """image: [N, C, H, W] float32 standardised slices -> [N, K, H, W] float32 probabilities, and with
+        ``features`` the tuple (probabilities, features [N, F, H/8, W/8] float32)."""
         out = self.model(image)
         logits = out.prediction if hasattr(out, "prediction") else out
-        return torch.softmax(logits, dim=1) if self.activation == "softmax" else torch.sigmoid(logits)
+        prob = torch.softmax(logits, dim=1) if self.activation == "softmax" else torch.sigmoid(logits)
+        return (prob, out.features) if self.features else prob
+
+
+def has_features(model: nn.Module) -> bool:
+    """Whether ``model`` is an Inf-Net, whose output carries the backbone features the diagnosis stage uses."""
+    from covfast.nn import InfNet
+
+    return isinstance(model, InfNet)
 
 
 def in_channels(model: nn.Module) -> int:
@@ -125,6 +138,7 @@ def export_onnx(
     arch: str | None = None,
     config: dict | None = None,
     input_size: int = INPUT_SIZE,
+    features: bool = True,
 ) -> dict:
     """Export ``model``'s probability graph to ONNX with a dynamic batch, check it and record provenance.
 
@@ -136,17 +150,20 @@ def export_onnx(
         arch: architecture name, recorded when known.
         config: architecture config, recorded when known.
         input_size: square slice side of the graph input.
+        features: an Inf-Net graph gets a second output ``features`` (its stride-8 backbone features, see
+            :class:`ProbabilityHead`); other networks have only ``prob``.
 
     Returns:
         dict with ``path``, ``onnx_sha256``, ``seconds`` and the ``metadata`` written into ``metadata_props``:
         covfast_version, model_name, model_sha256, arch, config, input_name, input_shape ("N,C,S,S"),
-        output_name, activation, opset, torch_version.
+        output_name, outputs (the graph's output names, comma-separated), activation, opset, torch_version.
     """
     import onnx
 
     start = time.perf_counter()
     path = Path(path)
-    head = ProbabilityHead(model).to("cpu").eval()
+    head = ProbabilityHead(model, features=features).to("cpu").eval()
+    outputs = [OUTPUT_NAME, FEATURES_NAME] if head.features else [OUTPUT_NAME]
     channels = in_channels(model)
     example = torch.zeros(2, channels, input_size, input_size)
     batch = torch.export.Dim("batch", min=1, max=_EXPORT_MAX_BATCH)
@@ -154,7 +171,7 @@ def export_onnx(
         program = torch.export.export(head, (example,), dynamic_shapes={"image": {0: batch}})
         program = program.run_decompositions(_reference_decompositions(program))
         onnx_program = torch.onnx.export(program, (example,), dynamo=True, opset_version=OPSET, verbose=False,
-                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False)
+                                         input_names=[INPUT_NAME], output_names=outputs, external_data=False)
     proto = onnx_program.model_proto
     metadata = {
         "covfast_version": covfast.__version__,
@@ -165,6 +182,7 @@ def export_onnx(
         "input_name": INPUT_NAME,
         "input_shape": f"N,{channels},{input_size},{input_size}",
         "output_name": OUTPUT_NAME,
+        "outputs": ",".join(outputs),
         "activation": head.activation,
         "opset": str(OPSET),
         "torch_version": torch.__version__,

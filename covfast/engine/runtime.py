@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from covfast.engine.onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, ProbabilityHead, export_onnx, read_metadata
+from covfast.engine.onnx_export import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    OPSET,
+    OUTPUT_NAME,
+    ProbabilityHead,
+    export_onnx,
+    read_metadata,
+)
 from covfast.errors import UsageError
 
 ENGINES = ("auto", "torch", "onnx", "tensorrt")
@@ -55,7 +63,8 @@ def ensure_onnx(model_file: str | Path, out_dir: str | Path) -> dict:
     path = Path(out_dir) / f"{model_file.stem}.onnx"
     if path.exists():
         metadata = read_metadata(path)
-        if metadata.get("model_sha256") == sha and metadata.get("opset") == str(OPSET):
+        # Exports older than the ``outputs`` entry lack the Inf-Net's features output: made again.
+        if metadata.get("model_sha256") == sha and metadata.get("opset") == str(OPSET) and "outputs" in metadata:
             return {"path": str(path), "metadata": metadata, "reused": True}
     arch, config = read_architecture(model_file)
     log.info("exporting %s to ONNX for onnxruntime (once per weights; kept in %s)", model_file.stem, out_dir)
@@ -73,17 +82,30 @@ class TorchEngine:
     """
 
     def __init__(self, model, device: str):
-        self.head = ProbabilityHead(model).to(device).eval()
+        self.head = ProbabilityHead(model, features=True).to(device).eval()
         self.device = device
         self.name = f"torch-{device}"
+
+    def run_with_features(self, batch):
+        """batch: [N, C, H, W] tensor -> (probabilities [N, K, H, W] float32, Inf-Net backbone features
+        [N, F, H/8, W/8] float32 or None for other networks), on the engine's device (a batch already there is not
+        copied)."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.head(batch.to(device=self.device, dtype=torch.float32))
+            prob, features = out if self.head.features else (out, None)
+            return prob.float(), None if features is None else features.float()
+
+    def run_tensor(self, batch):
+        """batch: [N, C, H, W] tensor -> [N, K, H, W] float32 probabilities on the engine's device."""
+        return self.run_with_features(batch)[0]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """batch: [N, C, H, W] float32 -> [N, K, H, W] float32 probabilities."""
         import torch
 
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-            return self.head(x).float().cpu().numpy()
+        return self.run_tensor(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).cpu().numpy()
 
 
 class OnnxRuntimeEngine:
@@ -107,11 +129,29 @@ class OnnxRuntimeEngine:
         self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
         active = self.session.get_providers()[0]
         self.name = "onnxruntime-cuda" if active == "CUDAExecutionProvider" else "onnxruntime-cpu"
+        self.outputs = [OUTPUT_NAME] + [o.name for o in self.session.get_outputs() if o.name == FEATURES_NAME]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """batch: [N, C, H, W] float32 -> [N, K, H, W] float32 probabilities."""
         feed = {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
         return self.session.run([OUTPUT_NAME], feed)[0]
+
+    def run_with_features(self, batch):
+        """batch: [N, C, H, W] tensor -> (probabilities, Inf-Net backbone features or None when the graph has no
+        ``features`` output), float32 on the batch's device.
+
+        onnxruntime takes host arrays here: a CPU tensor is shared with numpy without a copy, a CUDA one makes a round
+        trip through host memory (the TensorRT and torch engines keep CUDA batches on the GPU).
+        """
+        import torch
+
+        feed = {INPUT_NAME: np.ascontiguousarray(batch.detach().to("cpu", torch.float32).numpy())}
+        prob, *features = (torch.from_numpy(out).to(batch.device) for out in self.session.run(self.outputs, feed))
+        return prob, (features[0] if features else None)
+
+    def run_tensor(self, batch):
+        """batch: [N, C, H, W] tensor -> [N, K, H, W] float32 probabilities on the batch's device."""
+        return self.run_with_features(batch)[0]
 
 
 @dataclass

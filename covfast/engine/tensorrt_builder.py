@@ -185,13 +185,15 @@ def current_key(model_sha256: str, precision: str, max_batch: int, input_shape: 
                      opt_batch=opt_batch or max_batch, max_batch=max_batch, input_shape=tuple(input_shape))
 
 
-def build_plan(onnx_path: str | Path, key: EngineKey, input_name: str) -> bytes:
+def build_plan(onnx_path: str | Path, key: EngineKey, input_name: str, output_name: str = "prob") -> bytes:
     """Build a serialized TensorRT engine from an ONNX file with one optimisation profile for ``key``.
 
     Args:
         onnx_path: ONNX file from :func:`covfast.engine.onnx_export.export_onnx`.
         key: precision and batch profile to build for.
         input_name: name of the graph input the profile applies to.
+        output_name: the graph output the engine keeps; others (the Inf-Net's ``features``) are unmarked, so the
+            engine computes only what :class:`TensorRTEngine` binds.
 
     Returns:
         TensorRT's serialized plan.
@@ -208,6 +210,9 @@ def build_plan(onnx_path: str | Path, key: EngineKey, input_name: str) -> bytes:
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+    for index in reversed(range(network.num_outputs)):
+        if network.get_output(index).name != output_name:
+            network.unmark_output(network.get_output(index))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, _WORKSPACE_BYTES)
     if key.precision == "fp16":
@@ -278,6 +283,10 @@ class TensorRTEngine:
             torch.cuda.current_stream().wait_stream(self._stream)
             outputs.append(out)
         return torch.cat(outputs)
+
+    def run_with_features(self, batch):
+        """(probabilities, None): the engine keeps only the probability output (see :func:`build_plan`)."""
+        return self.run_tensor(batch), None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """batch: [N, C, H, W] float32 -> [N, K, H, W] float32 probabilities."""

@@ -32,11 +32,14 @@ class InfNetOutput:
         global_map: S_g from the parallel partial decoder.
         side: side outputs (S_5, S_4, S_3), coarse to fine.
         edge: edge-attention edge map.
+        features: the backbone's stride-8 features f2 [B, widths[1], H/8, W/8], which the diagnosis stage pools its
+            lesion RoIs from (:class:`covfast.pipeline.diagnosis.RoiFeatures`); not a logit map.
     """
 
     global_map: torch.Tensor
     side: tuple[torch.Tensor, ...]
     edge: torch.Tensor
+    features: torch.Tensor | None = None
 
     @property
     def prediction(self) -> torch.Tensor:
@@ -166,4 +169,4 @@ class InfNet(nn.Module):
         def full(logits):
             return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-        return InfNetOutput(full(global_map), tuple(full(s) for s in sides), full(edge))
+        return InfNetOutput(full(global_map), tuple(full(s) for s in sides), full(edge), f2)

@@ -89,22 +89,32 @@ class RoiFeatures:
         self.beta = beta
         self.device = device
 
+    def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 1, S, S] standardised views -> the backbone's stride-8 features [N, F, S/8, S/8] (the Inf-Net's f2)."""
+        with torch.no_grad():
+            return self.backbone.stages[1](self.backbone.stages[0](self.backbone.stem(x.to(self.device))))
+
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, prob: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def __call__(
+        self, x: torch.Tensor | None, prob: torch.Tensor, features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Pooled RoI features of a batch of views.
 
         Args:
-            x: [N, 1, S, S] float32 standardised views (:func:`covfast.nn.preprocess.to_input`).
+            x: [N, 1, S, S] float32 standardised views (:func:`covfast.nn.preprocess.to_input`); may be None when
+                ``features`` is given.
             prob: [N, 1, S, S] float32 infection probability on the same grid.
+            features: [N, F, S/8, S/8] backbone features of the views when already computed (the infection stage's
+                :attr:`~covfast.pipeline.infection.InfectionResult.view_features`), else computed from ``x``.
 
         Returns:
             (RoI features [N, beta, 65, 28, 28] float32, lesion instance count per view).
         """
-        x, prob = x.to(self.device), prob.to(self.device)
-        feats = self.backbone.stages[1](self.backbone.stages[0](self.backbone.stem(x)))
+        prob = prob.to(self.device)
+        feats = self.backbone_features(x) if features is None else features.to(self.device, torch.float32)
         maps = torch.cat([feats, F.avg_pool2d(prob, FEATURE_STRIDE)], dim=1)
         prob_np = prob[:, 0].cpu().numpy()
-        size = x.shape[-1]
+        size = prob.shape[-1]
         rois, counts = [], []
         for view_prob in prob_np:
             found = extract_instances(view_prob)
@@ -193,6 +203,7 @@ def diagnose(
     batch_size: int = 16,
     weights_dir: str | Path = WEIGHTS_DIR,
     view_prob: dict[int, np.ndarray] | None = None,
+    view_features: dict[int, torch.Tensor] | None = None,
 ) -> dict:
     """Per-slice class probabilities, lesion instances and the volume diagnosis of a CT volume.
 
@@ -208,6 +219,9 @@ def diagnose(
             stage computed it (:attr:`covfast.pipeline.infection.InfectionResult.view_prob`): exactly the input the
             head was trained with. Slices missing from it use ``infection_prob`` (zeroed outside the lung by the
             pipeline) resampled onto the view grid, an approximation of it.
+        view_features: ``{z: [F, S/8, S/8]}``, the Inf-Net's backbone features of each view from the infection stage
+            (:attr:`covfast.pipeline.infection.InfectionResult.view_features`); batches whose slices all have them
+            skip the backbone.
 
     Returns:
         ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "lesions"}], "lesions": {"count",
@@ -218,7 +232,7 @@ def diagnose(
         ModelNotInstalledError: no Inf-Net or no affinity weights installed, or a head trained on another Inf-Net.
         ValueError: the arrays are not 3D of one shape.
     """
-    from covfast.nn.preprocess import to_input
+    from covfast.nn.preprocess import INPUT_SIZE, to_input
     from covfast.pipeline.infection import SINGLE_CLASS, load_models
 
     if hu.ndim != 3 or hu.shape != lung.shape or hu.shape != infection_prob.shape:
@@ -238,20 +252,23 @@ def diagnose(
     extractor = RoiFeatures(infnet.model.backbone, head.beta, device)
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    work = [(z, found) for z in range(hu.shape[0]) if (found := slice_view(hu[z], lung[z])) is not None]
+    work = [(z, crop) for z in range(hu.shape[0]) if (crop := lung_crop(lung[z] > 0)) is not None]
     slices = []
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
-        x = torch.cat([to_input(torch.from_numpy(view)[None, None]) for _, (view, _) in chunk])
         prob = torch.cat(
             [
                 torch.from_numpy(np.ascontiguousarray(view_prob[z], dtype=np.float32))[None, None]
                 if view_prob is not None and z in view_prob
-                else to_view_grid(infection_prob[z, rows, cols].T, x.shape[-1])
-                for z, (_, (rows, cols)) in chunk
+                else to_view_grid(infection_prob[z, rows, cols].T, INPUT_SIZE)
+                for z, (rows, cols) in chunk
             ]
         )
-        rois, counts = extractor(x, prob)
+        if view_features and all(z in view_features for z, _ in chunk):
+            rois, counts = extractor(None, prob, torch.stack([view_features[z] for z, _ in chunk]))
+        else:
+            views = [slice_view(hu[z], lung[z])[0] for z, _ in chunk]
+            rois, counts = extractor(torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views]), prob)
         with torch.no_grad():
             probs = class_probs(head(rois.to(device)))
         for (z, _), p, n in zip(chunk, probs, counts):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from covfast.errors import ModelNotInstalledError
+from covfast.pipeline.severity import PROBABILITY_THRESHOLD
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SINGLE_CLASS = "infnet"
@@ -47,12 +48,28 @@ MULTICLASS_MIN_PROB = 0.5
 
 
 @dataclass
+class InfectionCounts:
+    """Per-slice counts of :func:`covfast.ops.infection_ratio`, taken on the device where the masks were made.
+
+    Attributes:
+        lung_voxels: [D, 2] int64 voxels of the right and left lung.
+        infected_voxels: [D, 2, 2] int64 infected voxels per lung x class (1, 2) of the infection mask.
+        soft_sum: [D, 2] float64 sum of the probability inside each lung.
+    """
+
+    lung_voxels: np.ndarray
+    infected_voxels: np.ndarray
+    soft_sum: np.ndarray
+
+
+@dataclass
 class InfectionResult:
     """Output of :func:`segment_infection`.
 
     Attributes:
-        prob: [D, H, W] float32 single-class infection probability (0 outside the lungs' slices and crops).
-        classes: [D, H, W] uint8 (0 background, 1 GGO, 2 consolidation), or None without the multi-class model.
+        prob: [D, H, W] float32 single-class infection probability, 0 outside the lung mask.
+        classes: [D, H, W] uint8 (0 background, 1 GGO, 2 consolidation), 0 outside the lung mask, or None without the
+            multi-class model.
         models: name and sha256 of each model used.
         timings: seconds per step ("load", "infer").
         engines: per model name, the engine that ran it and those passed over
@@ -60,6 +77,12 @@ class InfectionResult:
         view_prob: per lung slice index, the single-class probability on the network's input grid ([S, S] float32,
             the transposed lung crop of :func:`slice_view` resized to S): what the diagnosis stage's affinity head was
             trained on.
+        mask: [D, H, W] uint8 infection mask the counts were taken from: ``classes``, or ``prob >
+            PROBABILITY_THRESHOLD`` as 0/1 without the multi-class model.
+        counts: per-slice lung and infection counts of ``mask`` and ``prob`` (:class:`InfectionCounts`).
+        view_features: per lung slice index, the single-class Inf-Net's stride-8 backbone features on that view
+            ([F, S/8, S/8] float32 tensor on the stage's device) when its engine returns them (torch, onnxruntime;
+            not TensorRT): the diagnosis stage pools its RoIs from them instead of running the backbone again.
     """
 
     prob: np.ndarray
@@ -68,6 +91,9 @@ class InfectionResult:
     timings: dict = field(default_factory=dict)
     engines: dict = field(default_factory=dict)
     view_prob: dict = field(default_factory=dict)
+    mask: np.ndarray | None = None
+    counts: InfectionCounts | None = None
+    view_features: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -187,30 +213,38 @@ def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: boo
                            _cards_key(weights_dir))
 
 
-def _run_networks(runners: list[Callable], x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Standardised inputs [N, 1, S, S] float32 -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None), float32.
+def _run_networks(runners: list[Callable], x: torch.Tensor):
+    """Standardised inputs [N, 1, S, S] float32 -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None, features
+    [N, F, S/8, S/8] or None), float32 on ``x``'s device.
 
-    ``runners``: the single-class network's ``run`` (batch -> probabilities), then the multi-class network's if it
-    is installed (engines' ``run`` methods, :mod:`covfast.engine.runtime`).
+    ``runners``: the single-class network's ``run_with_features`` (batch -> (probabilities, its backbone features
+    for the diagnosis stage or None)), then the multi-class network's ``run_tensor`` if it is installed (engines of
+    :mod:`covfast.engine.runtime`).
     """
     from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
 
     single, *rest = runners
-    prob = single(x)
+    prob, features = single(x)
     if not rest:
-        return prob, None
-    class_prob = np.zeros((prob.shape[0], 3, *prob.shape[2:]), np.float32)
+        return prob, None, features
+    class_prob = torch.zeros((prob.shape[0], 3, *prob.shape[2:]), dtype=torch.float32, device=prob.device)
     class_prob[:, 0] = 1.0
-    found = prob.reshape(len(prob), -1).max(axis=1) >= MULTICLASS_MIN_PROB
-    if found.any():
+    found = torch.nonzero(prob.flatten(1).amax(dim=1) >= MULTICLASS_MIN_PROB)[:, 0]
+    if len(found):
         # The multi-class network takes the single-class probability as its prior channel, standardised like a slice.
-        prior = (prob[found] - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)
-        class_prob[found] = rest[0](np.concatenate([x[found], prior], axis=1))
-    return prob, class_prob
+        prior = (prob[found] - PIXEL_MEAN) / PIXEL_STD
+        class_prob[found] = rest[0](torch.cat([x[found], prior], dim=1))
+    return prob, class_prob, features
 
 
-def _resize(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).cpu().numpy().astype(np.float32)
+def _runners(engines: list) -> list[Callable]:
+    """The callables :func:`_run_networks` takes, from engines with the single-class network's first."""
+    first, *rest = engines
+    return [first.run_with_features, *(engine.run_tensor for engine in rest)]
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_size: int = 8):
@@ -228,15 +262,16 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
     from covfast.engine.runtime import TorchEngine
     from covfast.nn.preprocess import to_input
 
-    runners = [TorchEngine(loaded.model, device).run for loaded in models.values()]
+    runners = _runners([TorchEngine(loaded.model, device) for loaded in models.values()])
     size = slices.shape[1:]
     probs, class_probs = [], []
-    for start in range(0, len(slices), batch_size):
-        batch = torch.from_numpy(np.array(slices[start : start + batch_size], dtype=np.uint8))[:, None]
-        prob, class_prob = _run_networks(runners, to_input(batch).numpy())
-        probs.append(_resize(torch.from_numpy(prob), size)[:, 0])
-        if class_prob is not None:
-            class_probs.append(_resize(torch.from_numpy(class_prob), size))
+    with torch.inference_mode():
+        for start in range(0, len(slices), batch_size):
+            batch = torch.from_numpy(np.array(slices[start : start + batch_size], dtype=np.uint8))[:, None]
+            prob, class_prob, _ = _run_networks(runners, to_input(batch.to(device)))
+            probs.append(_resize(prob, size)[:, 0].cpu().numpy())
+            if class_prob is not None:
+                class_probs.append(_resize(class_prob, size).cpu().numpy())
     return np.concatenate(probs), (np.concatenate(class_probs) if class_probs else None)
 
 
@@ -358,29 +393,45 @@ def segment_infection(
     del spacing_mm
     if hu.ndim != 3 or hu.shape != lung.shape:
         raise ValueError(f"hu and lung must be [D, H, W] of one shape; got {hu.shape} and {lung.shape}")
+    from covfast.ops import infection_ratio
+
     t0 = time.perf_counter()
     engines = infection_engines(engine, device, multiclass, weights_dir)
+    runners = _runners([selection.engine for selection, _ in engines.values()])
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    prob = np.zeros(hu.shape, np.float32)
-    classes = np.zeros(hu.shape, np.uint8) if MULTI_CLASS in engines else None
     work = lung_slices(lung)
-    hu_device = torch.from_numpy(hu).to(device)  # the volume goes to the device once
-    view_prob = {}
-    for start in range(0, len(work), batch_size):
-        chunk = work[start : start + batch_size]
-        x = prepare_batch(hu_device, chunk).cpu().numpy()
-        runners = [selection.engine.run for selection, _ in engines.values()]
-        batch_prob, batch_classes = (None if p is None else torch.from_numpy(p) for p in _run_networks(runners, x))
-        for i, (z, (rows, cols)) in enumerate(chunk):
-            view_prob[z] = batch_prob[i, 0].numpy()
-            size = (cols.stop - cols.start, rows.stop - rows.start)  # the transposed crop
-            prob[z, rows, cols] = _resize(batch_prob[i : i + 1], size)[0, 0].T
-            if classes is not None:
-                classes[z, rows, cols] = _resize(batch_classes[i : i + 1], size)[0].argmax(axis=0).T
-        if progress is not None:
-            progress(min(start + batch_size, len(work)), len(work))
+    view_prob, view_features = {}, {}
+    with torch.inference_mode():
+        # The volume and the lung mask go to the device once; every step below stays there and only the masks, the
+        # probability and the per-slice counts come back.
+        hu_device = torch.from_numpy(hu).to(device)
+        lung_device = torch.from_numpy(np.ascontiguousarray(lung, dtype=np.uint8)).to(device)
+        prob = torch.zeros(hu.shape, dtype=torch.float32, device=hu_device.device)
+        classes = torch.zeros(hu.shape, dtype=torch.uint8, device=hu_device.device) if MULTI_CLASS in engines else None
+        for start in range(0, len(work), batch_size):
+            chunk = work[start : start + batch_size]
+            batch_prob, batch_classes, features = _run_networks(runners, prepare_batch(hu_device, chunk))
+            for i, (z, (rows, cols)) in enumerate(chunk):
+                size = (cols.stop - cols.start, rows.stop - rows.start)  # the transposed crop
+                prob[z, rows, cols] = _resize(batch_prob[i : i + 1], size)[0, 0].T
+                if classes is not None:
+                    classes[z, rows, cols] = _resize(batch_classes[i : i + 1], size)[0].argmax(dim=0).T.to(torch.uint8)
+            view_prob.update(zip((z for z, _ in chunk), batch_prob[:, 0].cpu().numpy()))
+            if features is not None:
+                view_features.update(zip((z for z, _ in chunk), features))
+            if progress is not None:
+                progress(min(start + batch_size, len(work)), len(work))
+        # The networks see lung crops; what they mark outside the lung mask (bowel, chest wall) is not lung infection.
+        outside = lung_device == 0
+        prob.masked_fill_(outside, 0.0)
+        mask = classes.masked_fill_(outside, 0) if classes is not None else (prob > PROBABILITY_THRESHOLD).to(torch.uint8)
+        lung_voxels, infected_voxels, _ = infection_ratio(lung_device, mask, PROBABILITY_THRESHOLD)
+        soft_sum = infection_ratio(lung_device, prob, PROBABILITY_THRESHOLD)[2]
+        counts = InfectionCounts(lung_voxels.cpu().numpy(), infected_voxels.cpu().numpy(), soft_sum.cpu().numpy())
+        prob_host, mask_host = prob.cpu().numpy(), mask.cpu().numpy()
     timings["infer"] = time.perf_counter() - t0
     used = [{"name": name, "sha256": card["sha256"]} for name, (_, card) in engines.items()]
     described = {name: selection.describe() for name, (selection, _) in engines.items()}
-    return InfectionResult(prob, classes, used, timings, described, view_prob)
+    return InfectionResult(prob_host, mask_host if classes is not None else None, used, timings, described, view_prob,
+                           mask_host, counts, view_features)

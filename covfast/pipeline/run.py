@@ -19,10 +19,9 @@ import numpy as np
 
 import covfast
 from covfast.errors import ModelNotInstalledError, OutputError
-from covfast.pipeline.severity import DEFAULT_RULES, SeverityRules, summarize
+from covfast.pipeline.severity import DEFAULT_RULES, PROBABILITY_THRESHOLD, SeverityRules, summarize
 
 SCHEMA_VERSION = "1.0"
-PROBABILITY_THRESHOLD = 0.5
 
 
 @dataclass
@@ -209,8 +208,9 @@ def analyze(
     models: list[dict] = []
     engines: dict = {}
     prob = None
-    view_prob = None
+    view_prob = view_features = None
     classes = None
+    counts = None
     infection_source = None
     with _timed(timings, "infection"):
         if infection_mask is not None:
@@ -220,18 +220,14 @@ def analyze(
             try:
                 from covfast.pipeline.infection import segment_infection
 
+                # The written masks keep only in-lung findings (segment_infection zeroes the rest) and the counts come
+                # from the device that made them.
                 seg = segment_infection(
                     volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size, progress=progress,
                     engine=engine,
                 )
-                prob, classes, models, engines = seg.prob, seg.classes, list(seg.models), seg.engines
-                view_prob = seg.view_prob
-                # The networks see lung crops; what they mark outside the lung mask (bowel, chest wall) is not
-                # lung infection, so the written mask keeps only in-lung findings like the reduction does.
-                outside = lung == 0
-                prob[outside] = 0.0
-                if classes is not None:
-                    classes[outside] = 0
+                prob, classes, counts = seg.prob, seg.mask, seg.counts
+                models, engines, view_prob, view_features = list(seg.models), seg.engines, seg.view_prob, seg.view_features
                 infection_source = {"kind": "model", "models": [m["name"] for m in models]}
             except (ModelNotInstalledError, ImportError) as exc:
                 notes.append(f"no infection model is installed ({exc}); pass --infection-mask to quantify infection")
@@ -242,16 +238,13 @@ def analyze(
     slice_ratio = None
     voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     with _timed(timings, "reduction"):
-        if classes is None and prob is not None:
-            classes = (prob > PROBABILITY_THRESHOLD).astype(np.uint8)
-        if classes is not None:
+        if counts is not None:
+            lung_voxels, infected_voxels = counts.lung_voxels, counts.infected_voxels
+            soft_ml = float(counts.soft_sum.sum() * voxel_ml)
+        elif classes is not None:
             lung_voxels, infected_voxels, _ = _reduce(lung, classes, PROBABILITY_THRESHOLD)
         else:
             lung_voxels = _reduce(lung, np.zeros_like(lung), PROBABILITY_THRESHOLD)[0]
-        if prob is not None:
-            soft_ml = float(
-                _reduce(lung, np.ascontiguousarray(prob, dtype=np.float32), PROBABILITY_THRESHOLD)[2].sum() * voxel_ml
-            )
     with _timed(timings, "severity"):
         summary = summarize(lung_voxels, infected_voxels, volume.spacing_mm, volume.z_mm, multiclass, rules)
     if infected_voxels is not None:
@@ -263,7 +256,8 @@ def analyze(
     diagnosis = None
     if prob is not None and diagnose_volume:
         with _timed(timings, "diagnosis"):
-            diagnosis = _diagnose(volume, lung, prob, view_prob, device, batch_size, summary, models, notes)
+            diagnosis = _diagnose(volume, lung, prob, (view_prob, view_features), device, batch_size, summary, models,
+                                  notes)
 
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -300,14 +294,17 @@ def analyze(
     )
 
 
-def _diagnose(volume, lung, prob, view_prob, device, batch_size, summary, models, notes) -> dict | None:
+def _diagnose(volume, lung, prob, views, device, batch_size, summary, models, notes) -> dict | None:
     """Lesion instances and the COVID-19 / pneumonia / normal call of the Affinity model, merged into ``summary``'s
-    per-slice entries (``class_probs``, ``lesions``); None, with a note, when its weights are not installed."""
+    per-slice entries (``class_probs``, ``lesions``); None, with a note, when its weights are not installed.
+    ``views``: the infection stage's (view_prob, view_features)."""
     from covfast.pipeline.diagnosis import diagnose
 
+    view_prob, view_features = views
     try:
         result = diagnose(
-            volume.hu, lung, prob, volume.spacing_mm, device=device, batch_size=batch_size, view_prob=view_prob
+            volume.hu, lung, prob, volume.spacing_mm, device=device, batch_size=batch_size, view_prob=view_prob,
+            view_features=view_features,
         )
     except ModelNotInstalledError as exc:
         notes.append(f"no diagnosis: {exc}")

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# A voxel of a single-class infection probability map is infected above this (the published Inf-Net threshold).
+PROBABILITY_THRESHOLD = 0.5
 MOSMED_BOUNDS = (25.0, 50.0, 75.0)
 ZONE_NAMES = ("lower", "middle", "upper")
 ZONE_SCORE_BOUNDS = (5.0, 25.0, 50.0, 75.0)
