@@ -36,6 +36,7 @@ def infer(
     rules: SeverityRules = DEFAULT_RULES,
     progress=None,
     engine: str = "auto",
+    precision: str | None = None,
 ):
     """Quantify COVID-19 infection in one chest CT volume.
 
@@ -54,13 +55,15 @@ def infer(
         progress: optional callable(n_done, n_total) for the infection network.
         engine: inference engine of the infection networks: ``auto`` (TensorRT, torch on CUDA, onnxruntime, torch
             on the CPU, the first that is available), ``torch``, ``onnx`` or ``tensorrt``.
+        precision: network precision: None (fp32, or the cached TensorRT engine's), ``fp32``, or ``bf16`` / ``fp16``
+            (torch autocast; onnxruntime runs fp32 only, so ``auto`` then takes torch).
 
     Returns:
         :class:`covfast.pipeline.run.Result`; ``result.report`` is what report.json holds.
     """
     from covfast.pipeline.run import analyze
 
-    _check_engine(engine)
+    _check_engine(engine, precision)
     volume, timings = _timed_load(path_or_array, spacing, series)
     mask = None
     mask_source = None
@@ -85,16 +88,18 @@ def infer(
         timings=timings,
         progress=progress,
         engine=engine,
+        precision=precision,
     )
     if out_dir is not None:
         result.save(Path(out_dir), preview=preview)
     return result
 
 
-def _check_engine(engine: str) -> None:
-    from covfast.engine.runtime import check_engine
+def _check_engine(engine: str, precision: str | None) -> None:
+    from covfast.engine.runtime import check_engine, check_precision
 
     check_engine(engine)
+    check_precision(precision)
 
 
 def _timed_load(path_or_array, spacing=None, series: str | None = None) -> tuple:
@@ -114,6 +119,7 @@ def infer_many(
     preview: bool = True,
     rules: SeverityRules = DEFAULT_RULES,
     engine: str = "auto",
+    precision: str | None = None,
     progress: Callable[[int], Callable[[int, int], None] | None] | None = None,
 ) -> Iterator[tuple[int, object]]:
     """Run :func:`infer` on several volumes, overlapping file reading and writing with the computation.
@@ -128,7 +134,7 @@ def infer_many(
         paths: inputs (``.nii``/``.nii.gz`` files or DICOM series folders).
         out_dirs: output folder of each input, same length as ``paths``.
         series: SeriesInstanceUID to take from DICOM folders holding several series.
-        device, batch_size, preview, rules, engine: as for :func:`infer`.
+        device, batch_size, preview, rules, engine, precision: as for :func:`infer`.
         progress: optional callable(index) -> callable(n_done, n_total) (or None), the infection network's progress
             callback for input ``index``.
 
@@ -140,7 +146,7 @@ def infer_many(
 
     if len(paths) != len(out_dirs):
         raise ValueError(f"{len(paths)} inputs but {len(out_dirs)} output folders")
-    _check_engine(engine)
+    _check_engine(engine, precision)
     with ThreadPoolExecutor(1, thread_name_prefix="covfast-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="covfast-write") as writer:
         reading = reader.submit(_timed_load, paths[0], None, series) if paths else None
@@ -152,7 +158,8 @@ def infer_many(
             try:
                 volume, timings = loaded.result()
                 outcome = analyze(volume, device=device, batch_size=batch_size, rules=rules, timings=timings,
-                                  progress=progress(index) if progress else None, engine=engine)
+                                  progress=progress(index) if progress else None, engine=engine,
+                                  precision=precision)
             except CovfastError as exc:
                 outcome = exc
             if writing is not None:

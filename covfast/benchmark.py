@@ -62,6 +62,7 @@ def run_benchmark(
     engine: str = "auto",
     batch_size: int = 8,
     command: str | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Time the whole pipeline on ``path``: one warm-up run, then ``runs`` timed runs.
 
@@ -72,6 +73,7 @@ def run_benchmark(
         engine: inference engine of the infection networks (see :func:`covfast.infer`).
         batch_size: slices per network batch.
         command: the command line to record (default: this process's ``sys.argv``).
+        precision: network precision (see :func:`covfast.infer`).
 
     Returns:
         dict with ``input`` (path, shape), ``runs``, ``stages`` (per stage and ``end_to_end``: ``median_s``,
@@ -98,7 +100,8 @@ def run_benchmark(
     with tempfile.TemporaryDirectory(prefix="covfast-benchmark-") as scratch:
         for run in range(runs + 1):
             start = time.perf_counter()
-            result = infer(path, out_dir=Path(scratch) / "out", device=device, engine=engine, batch_size=batch_size)
+            result = infer(path, out_dir=Path(scratch) / "out", device=device, engine=engine, batch_size=batch_size,
+                           precision=precision)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds = _stage_seconds(result.report["timings_s"], time.perf_counter() - start)

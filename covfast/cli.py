@@ -16,6 +16,7 @@ from covfast.errors import EXIT_BAD_INPUT, EXIT_OK, CovfastError, UsageError
 
 # covfast.engine.ENGINES, spelled out so that building the parser does not import torch (a test checks they agree).
 ENGINE_CHOICES = ("auto", "torch", "onnx", "tensorrt")
+PRECISION_CHOICES = ("fp32", "fp16", "bf16")  # covfast.engine.runtime.PRECISIONS
 
 INFER_EXAMPLE = """example:
   covfast infer scan.nii.gz -o out/          # writes out/scan/{report.json,lung_mask.nii.gz,infection_mask.nii.gz,preview.png}
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference engine of the infection networks; auto: TensorRT, torch on CUDA, onnxruntime, torch on CPU, "
         "the first available (report.json records what ran)",
     )
+    infer.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        help="precision of the infection networks (default: fp32, or the cached TensorRT engine's); bf16 / fp16 run "
+        "torch under autocast (onnxruntime is fp32 only, so --engine auto then uses torch)",
+    )
     infer.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
     infer.add_argument(
         "--infection-mask",
@@ -110,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=_positive_int, default=3, metavar="N", help="timed runs after the warm-up")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--engine", choices=ENGINE_CHOICES, default="auto")
+    bench.add_argument("--precision", choices=PRECISION_CHOICES, help="as for covfast infer")
     bench.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.set_defaults(func=cmd_benchmark)
@@ -178,7 +186,7 @@ class _SliceProgress:
             self.bar = None
 
 
-def _load_engines(engine: str, device: str) -> None:
+def _load_engines(engine: str, device: str, precision: str | None) -> None:
     """Choose and load the infection networks' engines before any input is read, so that an unavailable
     ``--engine onnx`` or ``tensorrt`` is one usage error (exit 2) with nothing written (``auto`` and ``torch`` always
     find an engine); without installed weights the pipeline notes it."""
@@ -186,7 +194,7 @@ def _load_engines(engine: str, device: str) -> None:
     from covfast.pipeline.infection import infection_engines
 
     try:
-        infection_engines(engine, device)
+        infection_engines(engine, device, precision=precision)
     except ModelNotInstalledError:
         pass
 
@@ -207,13 +215,13 @@ def cmd_infer(args) -> int:
     device = resolve_device(args.device)
     inputs = find_inputs(args.inputs)
     _show_progress_messages(not args.quiet)
-    if args.engine in ("onnx", "tensorrt") and not args.infection_mask:
-        _load_engines(args.engine, device)
+    if (args.engine in ("onnx", "tensorrt") or args.precision) and not args.infection_mask:
+        _load_engines(args.engine, device, args.precision)
     taken: set[str] = set()
     names = [_output_name(path, taken) for path in inputs]
     slices = [_SliceProgress(name, disable=args.quiet) for name in names]
     options = {"series": args.series, "device": device, "batch_size": args.batch_size,
-               "preview": not args.no_preview, "engine": args.engine}
+               "preview": not args.no_preview, "engine": args.engine, "precision": args.precision}
     if args.infection_mask:
         outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]
     else:
@@ -276,7 +284,7 @@ def cmd_benchmark(args) -> int:
 
     command = shlex.join(["covfast", *(args.argv if args.argv is not None else sys.argv[1:])])
     result = run_benchmark(args.input or sample_path(), runs=args.runs, device=args.device, engine=args.engine,
-                           batch_size=args.batch_size, command=command)
+                           batch_size=args.batch_size, command=command, precision=args.precision)
     print(format_benchmark(result))
     if args.json:
         from covfast.io.atomic import atomic_write

@@ -187,10 +187,21 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
 
 
 def test_engine_choices_match_the_engine_module():
-    from covfast.cli import ENGINE_CHOICES
+    from covfast.cli import ENGINE_CHOICES, PRECISION_CHOICES
     from covfast.engine import ENGINES
+    from covfast.engine.runtime import PRECISIONS
 
     assert ENGINE_CHOICES == ENGINES
+    assert PRECISION_CHOICES == PRECISIONS
+
+
+def test_onnx_engine_with_bf16_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["infer", str(sample_path()), "-o", str(out), "--engine", "onnx", "--precision", "bf16", "-q"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fp32 only" in err
+    assert not out.exists()
 
 
 def test_engine_tensorrt_without_tensorrt_exit_2(tmp_path, capsys, monkeypatch):

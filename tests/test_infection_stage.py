@@ -320,3 +320,27 @@ def test_diagnosis_sees_the_probability_its_head_was_trained_on(sample_slab):
     again = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in reused["slices"]])
     np.testing.assert_allclose(again, expected, atol=1e-4)
     assert [entry["lesions"] for entry in reused["slices"]] == counts
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+def test_bf16_autocast_runs_torch_and_stays_close(sample_slab):
+    """--precision bf16: auto passes over onnxruntime (fp32 only) to torch under autocast; masks stay close to fp32
+    (the volume-level Dice change is measured in benchmarks/results)."""
+    hu, lung = sample_slab
+    fp32 = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="torch")
+    bf16 = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="auto", precision="bf16")
+    described = bf16.engines["infnet"]
+    assert described["engine"] == "torch-cpu-bf16"
+    assert ("onnx", "runs fp32 only and bf16 was asked for") in [(s["engine"], s["reason"]) for s in described["skipped"]]
+    assert bf16.prob.dtype == np.float32
+    assert np.abs(bf16.prob - fp32.prob).max() < 0.2
+    assert _dice(bf16.mask > 0, fp32.mask > 0) > 0.9
+
+
+def test_unknown_precision_is_a_usage_error():
+    from covfast.errors import UsageError
+
+    if not HAS_WEIGHTS:
+        pytest.skip("needs the shipped infnet weights")
+    with pytest.raises(UsageError, match="unknown precision"):
+        segment_infection(*_volume(), (2.0, 0.7, 0.7), precision="int8")

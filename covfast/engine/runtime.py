@@ -30,6 +30,8 @@ from covfast.engine.onnx_export import (
 from covfast.errors import UsageError
 
 ENGINES = ("auto", "torch", "onnx", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AUTOCAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 log = logging.getLogger("covfast")
 # TensorRT engines are tried in this order when no precision is asked for.
 _PRECISION_PREFERENCE = ("fp16", "bf16", "fp32")
@@ -39,6 +41,12 @@ def check_engine(kind: str) -> None:
     """Raise :class:`~covfast.errors.UsageError` unless ``kind`` is one of :data:`ENGINES`."""
     if kind not in ENGINES:
         raise UsageError(f"unknown engine {kind!r} (choose one of {', '.join(ENGINES)})")
+
+
+def check_precision(precision: str | None) -> None:
+    """Raise :class:`~covfast.errors.UsageError` unless ``precision`` is None or one of :data:`PRECISIONS`."""
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r} (choose one of {', '.join(PRECISIONS)})")
 
 
 def default_cache_dir() -> Path:
@@ -79,12 +87,16 @@ class TorchEngine:
     Args:
         model: a covfast network.
         device: ``cpu`` or ``cuda``.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` to run under ``torch.autocast`` (weights stay float32; outputs
+            come back as float32).
     """
 
-    def __init__(self, model, device: str):
+    def __init__(self, model, device: str, precision: str = "fp32"):
+        check_precision(precision)
         self.head = ProbabilityHead(model, features=True).to(device).eval()
         self.device = device
-        self.name = f"torch-{device}"
+        self.precision = precision
+        self.name = f"torch-{device}" + ("" if precision == "fp32" else f"-{precision}")
 
     def run_with_features(self, batch):
         """batch: [N, C, H, W] tensor -> (probabilities [N, K, H, W] float32, Inf-Net backbone features
@@ -92,7 +104,8 @@ class TorchEngine:
         copied)."""
         import torch
 
-        with torch.inference_mode():
+        dtype = getattr(torch, _AUTOCAST_DTYPES.get(self.precision, "float32"))
+        with torch.inference_mode(), torch.autocast(self.device, dtype=dtype, enabled=self.precision != "fp32"):
             out = self.head(batch.to(device=self.device, dtype=torch.float32))
             prob, features = out if self.head.features else (out, None)
             return prob.float(), None if features is None else features.float()
@@ -212,13 +225,16 @@ def select_engine(
         model_file: covfast ``.safetensors`` weights.
         device: ``auto``, ``cpu`` or ``cuda``; ``cpu`` rules out TensorRT and CUDA providers.
         cache_dir: folder of ONNX files and TensorRT engines (default :func:`default_cache_dir`).
-        precision: TensorRT engine precision to use (None: the best cached one, fp16 before bf16 before fp32).
+        precision: ``fp32``, ``fp16`` or ``bf16``: the TensorRT engine's precision (None: the best cached one, fp16
+            before bf16 before fp32), or the autocast precision of the torch engines (None: fp32); onnxruntime runs
+            fp32 only, so ``auto`` passes over it when another precision is asked for.
 
     Returns:
         :class:`Selection`.
 
     Raises:
-        UsageError: unknown ``kind``, or an explicitly requested engine is unavailable (the message says why).
+        UsageError: unknown ``kind`` or ``precision``, or an explicitly requested engine is unavailable (the message
+            says why).
     """
     import torch
 
@@ -228,6 +244,7 @@ def select_engine(
     from covfast.nn.preprocess import INPUT_SIZE
 
     check_engine(kind)
+    check_precision(precision)
     model_file = Path(model_file)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cuda = torch.cuda.is_available() and device != "cpu"
@@ -247,10 +264,14 @@ def select_engine(
                 raise UsageError(f"--engine tensorrt: {exc}") from None
             skipped.append(("tensorrt", str(exc)))
     if kind in ("auto", "torch") and cuda:
-        return Selection(TorchEngine(model, "cuda"), skipped)
+        return Selection(TorchEngine(model, "cuda", precision or "fp32"), skipped)
     if kind == "auto":
         skipped.append(("torch-cuda", "no CUDA GPU in use"))
-    if kind in ("auto", "onnx"):
+    if precision not in (None, "fp32") and kind in ("auto", "onnx"):
+        if kind == "onnx":
+            raise UsageError(f"--engine onnx runs fp32 only; --precision {precision} needs --engine torch or tensorrt")
+        skipped.append(("onnx", f"runs fp32 only and {precision} was asked for"))
+    elif kind in ("auto", "onnx"):
         try:
             exported = ensure_onnx(model_file, cache_dir)
             return Selection(OnnxRuntimeEngine(exported["path"], "cuda" if cuda else "cpu"), skipped)
@@ -258,4 +279,4 @@ def select_engine(
             if kind == "onnx":
                 raise UsageError(f"--engine onnx needs onnx and onnxruntime (pip install covfast[onnx]): {exc}") from None
             skipped.append(("onnx", f"onnx/onnxruntime not installed ({exc})"))
-    return Selection(TorchEngine(model, "cpu"), skipped)
+    return Selection(TorchEngine(model, "cpu", precision or "fp32"), skipped)

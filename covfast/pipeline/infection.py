@@ -171,7 +171,7 @@ def _cards_key(weights_dir) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _shared_engines(engine: str, device: str, multiclass: bool, weights_dir: str, cache_dir: str,
-                    cards_key: tuple) -> dict:
+                    cards_key: tuple, precision: str | None = None) -> dict:
     """Engines for the installed infection models, chosen and loaded once per process: `covfast infer` over many
     volumes reuses them instead of reading and hashing the weights (and exporting or deserialising engines) for each
     input. ``cards_key`` (see :func:`_cards_key`) makes newly installed weights load afresh.
@@ -186,12 +186,12 @@ def _shared_engines(engine: str, device: str, multiclass: bool, weights_dir: str
     from covfast.engine import select_engine
 
     del cards_key
-    return {name: (select_engine(engine, card["file"], device=device, cache_dir=cache_dir), card)
+    return {name: (select_engine(engine, card["file"], device=device, cache_dir=cache_dir, precision=precision), card)
             for name, card in _verified_cards(multiclass, weights_dir).items()}
 
 
 def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: bool = True,
-                      weights_dir: str | Path = WEIGHTS_DIR) -> dict:
+                      weights_dir: str | Path = WEIGHTS_DIR, precision: str | None = None) -> dict:
     """The engines :func:`segment_infection` uses, loaded (and exported to ONNX where needed) on the first call.
 
     Args:
@@ -199,18 +199,20 @@ def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: boo
         device: ``cpu`` or ``cuda``.
         multiclass: include the GGO / consolidation model when installed.
         weights_dir: folder of installed weights.
+        precision: ``fp32``, ``fp16``, ``bf16`` or None (see :func:`covfast.engine.select_engine`).
 
     Returns:
         ``{name: (Selection, card)}`` with the single-class model first.
 
     Raises:
         ModelNotInstalledError: no single-class weights, or a file whose hash differs from its card.
-        UsageError: unknown ``engine``, or an explicitly requested one is unavailable (the message says why).
+        UsageError: unknown ``engine`` or ``precision``, or an explicitly requested engine is unavailable (the
+            message says why).
     """
     from covfast.engine import default_cache_dir
 
     return _shared_engines(engine, device, multiclass, str(weights_dir), str(default_cache_dir()),
-                           _cards_key(weights_dir))
+                           _cards_key(weights_dir), precision)
 
 
 def _run_networks(runners: list[Callable], x: torch.Tensor):
@@ -366,6 +368,7 @@ def segment_infection(
     progress: Callable[[int, int], None] | None = None,
     weights_dir: str | Path = WEIGHTS_DIR,
     engine: str = "auto",
+    precision: str | None = None,
 ) -> InfectionResult:
     """Infection probability (and GGO / consolidation labels) of a CT volume.
 
@@ -381,6 +384,7 @@ def segment_infection(
         progress: optional callable(n_done, n_total) called after each batch.
         weights_dir: folder of installed weights.
         engine: ``auto``, ``torch``, ``onnx`` or ``tensorrt`` (see :func:`covfast.engine.select_engine`).
+        precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
 
     Returns:
         :class:`InfectionResult` on the full [D, H, W] grid.
@@ -396,7 +400,7 @@ def segment_infection(
     from covfast.ops import infection_ratio
 
     t0 = time.perf_counter()
-    engines = infection_engines(engine, device, multiclass, weights_dir)
+    engines = infection_engines(engine, device, multiclass, weights_dir, precision)
     runners = _runners([selection.engine for selection, _ in engines.values()])
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()

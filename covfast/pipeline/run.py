@@ -176,6 +176,7 @@ def analyze(
     progress=None,
     diagnose_volume: bool = True,
     engine: str = "auto",
+    precision: str | None = None,
 ) -> Result:
     """Run every stage on a loaded volume.
 
@@ -193,6 +194,7 @@ def analyze(
             after a network segmentation.
         engine: inference engine of the infection networks, ``auto``, ``torch``, ``onnx`` or ``tensorrt``
             (:func:`covfast.engine.select_engine`); what ran is recorded under the report's ``engine`` key.
+        precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
 
     Returns:
         :class:`Result`.
@@ -224,7 +226,7 @@ def analyze(
                 # from the device that made them.
                 seg = segment_infection(
                     volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size, progress=progress,
-                    engine=engine,
+                    engine=engine, precision=precision,
                 )
                 prob, classes, counts = seg.prob, seg.mask, seg.counts
                 models, engines, view_prob, view_features = list(seg.models), seg.engines, seg.view_prob, seg.view_features
