@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", choices=("infection", "multiclass", "instances"), default="infection")
     evaluate.add_argument("--json", metavar="FILE", help="write the scores as JSON")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--weights", metavar="DIR",
+                          help="folder of weights with their model cards to score (default: the installed models)")
     evaluate.set_defaults(func=cmd_evaluate_slices)
     return parser
 
@@ -300,11 +302,12 @@ def cmd_evaluate_slices(args) -> int:
     from covfast.evaluate import evaluate_slices
     from covfast.pipeline.run import resolve_device
 
-    for flag, folder in (("--images", args.images), ("--masks", args.masks)):
-        if not Path(folder).is_dir():
+    for flag, folder in (("--images", args.images), ("--masks", args.masks), ("--weights", args.weights)):
+        if folder is not None and not Path(folder).is_dir():
             raise UsageError(f"{flag} {folder}: not a folder")
     scores = evaluate_slices(
-        args.images, args.masks, task=args.task, json_path=args.json, device=resolve_device(args.device)
+        args.images, args.masks, task=args.task, json_path=args.json, device=resolve_device(args.device),
+        weights_dir=args.weights,
     )
     summary = {k: v for k, v in scores.items() if k not in ("per_image",)}
     print(json.dumps(summary, indent=2))

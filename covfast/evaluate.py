@@ -146,7 +146,9 @@ def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def evaluate_slices(images_dir, masks_dir, task: str = "infection", json_path=None, device: str = "cpu") -> dict:
+def evaluate_slices(
+    images_dir, masks_dir, task: str = "infection", json_path=None, device: str = "cpu", weights_dir=None
+) -> dict:
     """Run the installed models on 2D slices and score them against masks.
 
     Args:
@@ -157,6 +159,7 @@ def evaluate_slices(images_dir, masks_dir, task: str = "infection", json_path=No
             "instances" (lesion instances, COCO-style AP; see :func:`covfast.instances.evaluate_instances`).
         json_path: optional file to write the result to as JSON.
         device: torch device for the models.
+        weights_dir: folder of weights and model cards to score (default: the installed ones).
 
     Returns:
         ``{"task", "n_images", "models", <summary>, "per_image": [...]}``. For "infection" the summary keys
@@ -164,16 +167,17 @@ def evaluate_slices(images_dir, masks_dir, task: str = "infection", json_path=No
         "consolidation". Each ``per_image`` entry names the image and carries its metrics.
     """
     from covfast.errors import ModelNotInstalledError, UsageError
-    from covfast.pipeline.infection import MULTI_CLASS, load_models, predict_slices
+    from covfast.pipeline.infection import MULTI_CLASS, WEIGHTS_DIR, load_models, predict_slices
 
+    weights_dir = WEIGHTS_DIR if weights_dir is None else weights_dir
     if task == "instances":
         from covfast.instances import evaluate_instances
 
-        return evaluate_instances(images_dir, masks_dir, json_path, device)
+        return evaluate_instances(images_dir, masks_dir, json_path, device, weights_dir)
     if task not in ("infection", "multiclass"):
         raise UsageError(f"unknown task {task!r}; use infection, multiclass or instances")
     pairs = _pairs(Path(images_dir), Path(masks_dir))
-    models = load_models(device, multiclass=task == "multiclass")
+    models = load_models(device, multiclass=task == "multiclass", weights_dir=weights_dir)
     if task == "multiclass" and MULTI_CLASS not in models:
         raise ModelNotInstalledError(f"no multi-class model installed ({MULTI_CLASS}.safetensors)")
     per_image = []

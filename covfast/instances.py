@@ -126,7 +126,7 @@ def slice_ap(pred: list[Instance], truth: list[Instance], thresholds: np.ndarray
     return out
 
 
-def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu") -> dict:
+def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu", weights_dir=None) -> dict:
     """Lesion-instance AP of the shipped single-class Inf-Net on 2D slices.
 
     Args:
@@ -134,6 +134,7 @@ def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu
         masks_dir: folder of 0/255 PNG infection masks with the images' names.
         json_path: optional file to write the result to as JSON.
         device: torch device for the model.
+        weights_dir: folder of weights and model cards to score (default: the installed ones).
 
     Returns:
         ``{"task": "instances", "n_images", "models", "ap50", "ap75", "map", "ci95", "per_image"}``: the three
@@ -142,10 +143,10 @@ def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu
     """
     from covfast.errors import UsageError
     from covfast.evaluate import _interval, _pairs, _read_gray, _read_labels
-    from covfast.pipeline.infection import load_models, predict_slices
+    from covfast.pipeline.infection import WEIGHTS_DIR, load_models, predict_slices
 
     pairs = _pairs(Path(images_dir), Path(masks_dir))
-    models = load_models(device, multiclass=False)
+    models = load_models(device, multiclass=False, weights_dir=WEIGHTS_DIR if weights_dir is None else weights_dir)
     per_image = []
     for image_path, mask_path in pairs:
         image = _read_gray(image_path)

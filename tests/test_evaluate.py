@@ -93,6 +93,19 @@ def test_evaluate_slices_known_dice(tmp_path):
     for key in ("dice", "dice_present", "dice_mean256", "iou", "sensitivity", "specificity", "mae"):
         assert key in result
     assert out.exists()
+    # --weights: another folder's models are scored (a copy of the installed ones scores the same; none is an error).
+    import shutil
+
+    from covfast.errors import ModelNotInstalledError
+
+    copy = tmp_path / "weights"
+    copy.mkdir()
+    for name in ("infnet.safetensors", "infnet.json"):
+        shutil.copy(WEIGHTS.parent / name, copy / name)
+    again = evaluate_slices(images, masks, task="infection", weights_dir=copy)
+    assert [e["dice"] for e in again["per_image"]] == [e["dice"] for e in result["per_image"]]
+    with pytest.raises(ModelNotInstalledError):
+        evaluate_slices(images, masks, task="instances", weights_dir=tmp_path / "GT")
 
 
 def test_evaluate_slices_rejects_missing_folder(tmp_path):
