@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cpu/coach_mask.h"
 #include "cpu/infection_ratio.h"
 #include "cpu/reverse_attention.h"
 #include "cpu/roi_align.h"
@@ -167,6 +168,20 @@ static void reverse_attention_concat_bwd(uintptr_t grad, uintptr_t x, uintptr_t 
   });
 }
 
+static void coach_threshold(uintptr_t score, uintptr_t thresholds, int dtype, int64_t batch, int64_t pixels,
+                            int64_t k) {
+  if (dtype != 0 && dtype != 1)
+    throw std::invalid_argument("coach_threshold: dtype must be 0 (float32) or 1 (float64)");
+  if (batch < 0 || pixels < 1 || k < 1 || k > pixels)
+    throw std::invalid_argument("coach_threshold: need batch >= 0, pixels >= 1 and 1 <= k <= pixels");
+  py::gil_scoped_release release;
+  with_float_type(dtype, [&](auto tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    covfast::coach_threshold_cpu(reinterpret_cast<const T*>(score), reinterpret_cast<T*>(thresholds), batch,
+                                 pixels, k);
+  });
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "covfast C++ CPU kernels";
   m.def("openmp_max_threads", &max_threads, "Number of OpenMP threads the kernels use (1 without OpenMP).");
@@ -177,6 +192,10 @@ PYBIND11_MODULE(_C, m) {
         "Per-slice lung/infection counts of [D,H,W] volumes given as data pointers and element strides. "
         "infection_type: 0 uint8 classes, 1 float16, 2 float32, 3 float64. Outputs: int64 [D,2], int64 [D,2,2], "
         "float64 [D,2], written through the given pointers. Returns False if a class value exceeds 2.");
+  m.def("coach_threshold", &coach_threshold, py::arg("score_ptr"), py::arg("thresholds_ptr"), py::arg("dtype"),
+        py::arg("batch"), py::arg("pixels"), py::arg("k"),
+        "Coach mask threshold of contiguous scores [batch, pixels]: thresholds [batch] = the k-th largest score of "
+        "each image (radix select; equals torch.kthvalue, ties and NaN included); dtype 0 float32, 1 float64.");
   m.def("roi_align_forward", &roi_align_forward, py::arg("features_ptr"), py::arg("features_shape"),
         py::arg("features_strides"), py::arg("rois_ptr"), py::arg("num_rois"), py::arg("pooled_height"),
         py::arg("pooled_width"), py::arg("spatial_scale"), py::arg("sampling_ratio"), py::arg("aligned"),

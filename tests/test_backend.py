@@ -40,7 +40,7 @@ def test_override_with_unknown_name_is_an_error():
 
 def test_forced_backend_that_lacks_the_op_falls_back():
     with _backend.forced("cpp"):
-        assert _backend.select("coach_mask", "cpu") == "reference"
+        assert _backend.select("reverse_attention", "cpu") == "reference"  # its forward has no C++ version
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
@@ -53,7 +53,7 @@ def test_cuda_entry_point_without_gpu_raises_clearly():
 
 def test_unknown_implementation():
     with pytest.raises(NotImplementedError):
-        _backend.implementation("coach_mask", "cpp")
+        _backend.implementation("reverse_attention", "cpp")
 
 
 def test_runs_eagerly_only_for_plain_tensors_without_gradient():

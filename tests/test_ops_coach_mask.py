@@ -162,3 +162,63 @@ def test_triton_backward_and_empty():
     (expected,) = torch.autograd.grad(coach_mask(score, 0.3, 4.0), score, grad_out)
     torch.testing.assert_close(grad, expected)
     assert empty.shape == (0, 1, 4, 4)
+
+
+def _cpp_threshold(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The C++ kernel's per-image threshold for ``k`` kept pixels."""
+    from covfast.ops.coach import cpp_threshold
+
+    n = score.shape[2] * score.shape[3]
+    keep = k / n
+    assert reference.coach_k(keep, n) == k
+    return cpp_threshold(score, keep)
+
+
+CPP_SHAPES = [(1, 1, 1, 1), (3, 1, 7, 13), (2, 1, 45, 50), (1, 1, 352, 352)]
+
+
+@pytest.mark.parametrize("shape", CPP_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["random", "ties", "hard", "nan"])
+def test_cpp_threshold_equals_kthvalue(shape, dtype, kind):
+    skip_unavailable("cpp")
+    seed = int(torch.randint(0, 2**31, ()))
+    score = hard_scores(shape, seed) if kind == "hard" else make_score(shape, torch.float32, seed, kind == "ties")
+    score = score.to(dtype)
+    if kind == "nan":  # torch.kthvalue counts NaN as the largest value; so does the kernel
+        score.view(-1)[torch.randperm(score.numel(), generator=torch.Generator().manual_seed(seed))[:3]] = float("nan")
+    n = shape[2] * shape[3]
+    for keep in KEEPS:
+        k = reference.coach_k(keep, n)
+        expected = score.reshape(shape[0], -1).kthvalue(n - k + 1, dim=1).values
+        torch.testing.assert_close(_cpp_threshold(score, k), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", CPP_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", [False, True])
+def test_cpp_mask_matches_oracle(shape, dtype, ties):
+    skip_unavailable("cpp")
+    score = make_score(shape, dtype, int(torch.randint(0, 2**31, ())), ties)
+    out = _backend.implementation("coach_mask", "cpp")(score, 0.3, 5.0)
+    assert out.dtype == dtype and out.shape == score.shape
+    np.testing.assert_allclose(out.double().numpy(), oracle(score, 0.3, 5.0), atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_cpp_non_contiguous_low_precision_and_autograd():
+    skip_unavailable("cpp")
+    base = make_score((2, 1, 13, 22), torch.float32, 21)
+    score = base[..., ::2]  # non-contiguous [2, 1, 13, 11]
+    assert not score.is_contiguous()
+    with _backend.forced("cpp"):
+        assert _backend.select("coach_mask", "cpu") == "cpp"
+        mask = coach_mask(score, 0.3, 5.0)
+        half = coach_mask(score.half(), 0.3, 5.0)  # not a C++ type: the reference runs
+        leaf = score.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(coach_mask(leaf, 0.3, 4.0), leaf, torch.ones_like(leaf))
+    np.testing.assert_allclose(mask.double().numpy(), oracle(score.contiguous(), 0.3, 5.0), atol=1e-6)
+    torch.testing.assert_close(half, reference.coach_mask(score.half(), 0.3, 5.0))
+    t = reference.coach_threshold(score, 0.3).view(-1, 1, 1, 1)  # the backward holds the threshold constant
+    ref_leaf = score.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.sigmoid(4.0 * (ref_leaf - t)), ref_leaf, torch.ones_like(ref_leaf))
+    torch.testing.assert_close(grad, expected)

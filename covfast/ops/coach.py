@@ -10,6 +10,30 @@ from covfast.ops import reference
 _backend.register("coach_mask", "reference", ("cpu", "cuda"))(reference.coach_mask)
 
 
+CPP_TYPES = {torch.float32: 0, torch.float64: 1}
+
+
+@_backend.register("coach_mask", "cpp", ("cpu",))
+def _coach_mask_cpp(score: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
+    if score.dtype not in CPP_TYPES or score.numel() == 0:
+        return reference.coach_mask(score, keep, alpha)
+    # The C++ radix select replaces torch.kthvalue; the sigmoid is the reference's own vectorised elementwise pass.
+    return torch.sigmoid(alpha * (score - cpp_threshold(score, keep).view(-1, 1, 1, 1)))
+
+
+def cpp_threshold(score: torch.Tensor, keep: float) -> torch.Tensor:
+    """[B] k-th largest score of each image of [B, 1, H, W] float32/float64 ``score`` on the CPU (C++ radix select;
+    equals :func:`covfast.ops.reference.coach_threshold`, ties and NaN included)."""
+    from covfast import _C
+
+    score = score.contiguous()
+    batch, pixels = score.shape[0], score.shape[2] * score.shape[3]
+    thresholds = score.new_empty(batch)
+    _C.coach_threshold(score.data_ptr(), thresholds.data_ptr(), CPP_TYPES[score.dtype], batch, pixels,
+                       reference.coach_k(keep, pixels))
+    return thresholds
+
+
 @_backend.register("coach_mask", "cuda", ("cuda",))
 def _coach_mask_cuda(score: torch.Tensor, keep: float, alpha: float) -> torch.Tensor:
     if score.dtype == torch.float64 or score.numel() == 0:
