@@ -344,3 +344,12 @@ def test_unknown_precision_is_a_usage_error():
         pytest.skip("needs the shipped infnet weights")
     with pytest.raises(UsageError, match="unknown precision"):
         segment_infection(*_volume(), (2.0, 0.7, 0.7), precision="int8")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 5])
+def test_first_max_channel_equals_argmax_with_ties(channels):
+    from covfast.pipeline.infection import _first_max_channel
+
+    gen = torch.Generator().manual_seed(channels)
+    maps = (torch.rand(channels, 17, 23, generator=gen) * 4).round() / 4  # few distinct values: many ties
+    torch.testing.assert_close(_first_max_channel(maps), maps.argmax(dim=0).to(torch.uint8), rtol=0, atol=0)
