@@ -245,3 +245,26 @@ def test_tensorrt_import_guard(monkeypatch):
         trtb.import_tensorrt()
     with pytest.raises(TensorRTUnavailableError, match="not installed"):
         trtb.build_plan("missing.onnx", KEY, "image")
+
+
+def test_ensure_onnx_reexports_a_file_without_the_features_output(tmp_path):
+    """An export made before the Inf-Net graph had its ``features`` output (no ``outputs`` metadata) is made again;
+    a current one is reused."""
+    import onnx
+
+    from covfast.engine.runtime import ensure_onnx
+
+    torch.manual_seed(5)
+    config = {"in_ch": 1, "widths": list(TINY_WIDTHS), "ch": 8, "ra_ch": 8}
+    weights = tmp_path / "tiny-infnet.safetensors"
+    save_model(_randomize_batch_norm(InfNet(widths=TINY_WIDTHS, ch=8, ra_ch=8), seed=6), weights, "infnet", config)
+    first = ensure_onnx(weights, tmp_path / "engines")
+    assert not first["reused"] and first["metadata"]["outputs"] == "prob,features"
+    assert ensure_onnx(weights, tmp_path / "engines")["reused"]
+    proto = onnx.load(first["path"])
+    kept = [p for p in proto.metadata_props if p.key != "outputs"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, first["path"])
+    again = ensure_onnx(weights, tmp_path / "engines")
+    assert not again["reused"] and again["metadata"]["outputs"] == "prob,features"
