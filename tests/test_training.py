@@ -287,3 +287,19 @@ def test_ship_final_without_cv_names_its_prior_and_cv_runs(tmp_path):
     assert card["validation"]["cv_runs"] == [None]
     assert "Second input channel" in card["data"] and "pretraining" not in card["data"]
     assert card["input"]["channels"] == 2 and card["training"]["fit_seconds"] == 5.0
+
+
+def test_init_file_names_another_model_of_the_run(tmp_path):
+    from covfast.nn import InfNet, save_model
+    from training.recipes import _model
+
+    config = {"in_ch": 1, "widths": [8, 16, 32, 64], "ch": 8, "ra_ch": 8}
+    (tmp_path / "base").mkdir()
+    source = InfNet(widths=(8, 16, 32, 64), ch=8, ra_ch=8)
+    save_model(source, tmp_path / "base" / "fold0.safetensors", "infnet", config)
+    recipe = {"model": {"arch": "infnet", "config": config},
+              "init": {"run": "base", "file": "fold0.safetensors", "prefix": ""}}
+    model, note = _model(recipe, tmp_path)
+    assert "fold0.safetensors" in note
+    for (name, got), expected in zip(model.state_dict().items(), source.state_dict().values()):
+        assert torch.equal(got, expected), name

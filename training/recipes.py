@@ -6,8 +6,8 @@ Recipe kinds:
     ``segment``   supervised segmentation on ``"data": "labelled"`` (5-fold CV -> ``fold<k>.safetensors``,
                   ``cv.json``; final fit on all 50 -> ``final.safetensors``) or ``"pseudo"`` (the unlabelled
                   slices with their pseudo labels; one fit -> ``final.safetensors``).
-Optional keys: ``"init": {"run": NAME, "prefix": "backbone."}`` starts from matching weights of another run's
-``final.safetensors``; ``"prior": {"run": NAME}`` feeds that single-class run's prediction (fold model in CV,
+Optional keys: ``"init": {"run": NAME, "prefix": "backbone.", "file": "final.safetensors"}`` starts from matching
+weights of another run's ``final.safetensors`` (or the ``file`` named, e.g. ``fold0.safetensors``); ``"prior": {"run": NAME}`` feeds that single-class run's prediction (fold model in CV,
 final model otherwise) as the second input channel; ``"negatives": {..., "mix": {"labelled": P, GROUP: P, ...}}``
 adds infection-free slices (:func:`training.negatives.load_negatives`) to the labelled training slices and draws
 each group with the given probability.
@@ -77,7 +77,7 @@ def _model(recipe: dict, runs: Path) -> tuple[torch.nn.Module, str]:
     model = build_model(spec["arch"], **spec.get("config", {}))
     note = f"{spec['arch']} {count_parameters(model) / 1e6:.2f} M parameters"
     if recipe.get("init"):
-        source = runs / recipe["init"]["run"] / "final.safetensors"
+        source = runs / recipe["init"]["run"] / recipe["init"].get("file", "final.safetensors")
         copied = init_from(model, source, recipe["init"].get("prefix", ""))
         note += f"; {copied} tensors from {source}"
     return model, note
