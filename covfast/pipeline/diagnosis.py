@@ -233,7 +233,8 @@ def diagnose(
         ValueError: the arrays are not 3D of one shape.
     """
     from covfast.nn.preprocess import INPUT_SIZE, to_input
-    from covfast.pipeline.infection import SINGLE_CLASS, load_models
+    from covfast.pipeline.infection import SINGLE_CLASS, load_models, lung_slices
+    from covfast.pipeline.infection import slice_view as stage_view
 
     if hu.ndim != 3 or hu.shape != lung.shape or hu.shape != infection_prob.shape:
         raise ValueError(
@@ -252,7 +253,7 @@ def diagnose(
     extractor = RoiFeatures(infnet.model.backbone, head.beta, device)
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    work = [(z, crop) for z in range(hu.shape[0]) if (crop := lung_crop(lung[z] > 0)) is not None]
+    work = lung_slices(lung)
     slices = []
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
@@ -267,7 +268,7 @@ def diagnose(
         if view_features and all(z in view_features for z, _ in chunk):
             rois, counts = extractor(None, prob, torch.stack([view_features[z] for z, _ in chunk]))
         else:
-            views = [slice_view(hu[z], lung[z])[0] for z, _ in chunk]
+            views = [stage_view(hu, z, crop) for z, crop in chunk]
             rois, counts = extractor(torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views]), prob)
         with torch.no_grad():
             probs = class_probs(head(rois.to(device)))
