@@ -8,6 +8,16 @@ Metrics per image, for a probability map ``p`` and a binary ground truth ``g`` (
     sensitivity    |P & G| / |G| at 0.5; undefined (null) when G is empty
     specificity    |~P & ~G| / |~G| at 0.5; undefined when G covers the image
     mae            mean |p - g|
+    s_measure      structure measure S_alpha (Fan et al., ICCV 2017), alpha = 0.5: object-aware term (mean / SD of
+                   p inside and outside G) and region-aware term (SSIM-like score of the four blocks cut at G's
+                   centroid, weighted by block area); 1 - mean(p) when G is empty, mean(p) when G fills the image
+    e_measure      enhanced-alignment measure (Fan et al., IJCAI 2018), mean over the same 256 thresholds
+                   (Inf-Net's "mean E_phi")
+S- and E-measure follow the arithmetic of the MATLAB toolbox the Inf-Net and camouflage papers report with
+(MATLAB's ``eps`` in the denominators, standard deviation over n - 1, blocks cut at the rounded 1-based centroid).
+One difference, as for ``dice_mean256`` and ``mae``: that toolbox first stretches each saved 8-bit map to [0, 1]
+by its own minimum and maximum; here every metric is taken on the model's probability map as it is, so a slice
+with low probabilities everywhere is not stretched into a confident false positive.
 Summaries are the mean over images with a 95 % interval mean +- 1.96 * SD / sqrt(n) (undefined values left out);
 ``dice_present`` is the mean Dice over the images whose ground truth contains the class.
 """
@@ -20,9 +30,82 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("dice", "dice_mean256", "iou", "sensitivity", "specificity", "mae")
+METRICS = ("dice", "dice_mean256", "iou", "sensitivity", "specificity", "mae", "s_measure", "e_measure")
 THRESHOLD = 0.5
 CLASS_NAMES = {1: "ggo", 2: "consolidation"}
+EPS = float(np.finfo(np.float64).eps)  # MATLAB's eps, as in the toolbox's formulas
+
+
+def _object_score(values: np.ndarray) -> float:
+    # Object term: 2 x / (x^2 + 1 + sigma + eps) over the pixels of one side of the ground truth.
+    if values.size == 0:
+        return 0.0
+    mean = float(values.mean())
+    sd = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return 2.0 * mean / (mean * mean + 1.0 + sd + EPS)
+
+
+def _block_ssim(pred: np.ndarray, truth: np.ndarray) -> float:
+    # Region term of one block; an empty block has zero weight and contributes nothing.
+    n = pred.size
+    if n == 0:
+        return 0.0
+    x, y = float(pred.mean()), float(truth.mean())
+    dx, dy = pred - x, truth - y
+    var_x = float((dx * dx).sum()) / (n - 1 + EPS)
+    var_y = float((dy * dy).sum()) / (n - 1 + EPS)
+    cov = float((dx * dy).sum()) / (n - 1 + EPS)
+    alpha = 4.0 * x * y * cov
+    beta = (x * x + y * y) * (var_x + var_y)
+    if alpha != 0:
+        return alpha / (beta + EPS)
+    return 1.0 if beta == 0 else 0.0
+
+
+def s_measure(prob: np.ndarray, truth: np.ndarray) -> float:
+    """Structure measure S_alpha (alpha = 0.5) of a [H, W] probability map against a binary ground truth."""
+    prob = np.asarray(prob, dtype=np.float64)
+    truth = np.asarray(truth).astype(bool)
+    share = float(truth.mean())
+    if share == 0:
+        return 1.0 - float(prob.mean())
+    if share == 1:
+        return float(prob.mean())
+    s_object = share * _object_score(prob[truth]) + (1 - share) * _object_score(1.0 - prob[~truth])
+    rows, cols = truth.shape
+    total = float(truth.sum())
+    # Rounded 1-based centroid (MATLAB round: halves away from zero); blocks are [:Y, :X] etc. in 0-based slicing.
+    cx = int(np.floor((truth.sum(axis=0) * np.arange(1, cols + 1)).sum() / total + 0.5))
+    cy = int(np.floor((truth.sum(axis=1) * np.arange(1, rows + 1)).sum() / total + 0.5))
+    area = float(rows * cols)
+    w = [cx * cy / area, (cols - cx) * cy / area, cx * (rows - cy) / area]
+    w.append(1.0 - sum(w))
+    gt = truth.astype(np.float64)
+    blocks = [(slice(0, cy), slice(0, cx)), (slice(0, cy), slice(cx, None)),
+              (slice(cy, None), slice(0, cx)), (slice(cy, None), slice(cx, None))]  # fmt: skip
+    s_region = sum(wi * _block_ssim(prob[b], gt[b]) for wi, b in zip(w, blocks))
+    return max(0.0, 0.5 * s_object + 0.5 * s_region)
+
+
+def _e_measure_counts(tp, fp, fn, tn) -> np.ndarray:
+    """Enhanced-alignment measure of binary maps given their confusion counts (arrays over thresholds).
+
+    Each pixel's alignment value depends only on its (prediction, truth) pair and on the two global means, so the
+    sum over the image is the four counts times the four values.
+    """
+    tp, fp, fn, tn = (np.asarray(c, dtype=np.float64) for c in (tp, fp, fn, tn))
+    n = tp + fp + fn + tn
+    n_pos = tp + fn
+    mu_f = (tp + fp) / n
+    mu_g = n_pos / n
+    total = np.zeros_like(n)
+    for count, f, g in ((tp, 1.0, 1.0), (fp, 1.0, 0.0), (fn, 0.0, 1.0), (tn, 0.0, 0.0)):
+        af, ag = f - mu_f, g - mu_g
+        align = 2.0 * ag * af / (ag * ag + af * af + EPS)
+        total = total + count * (align + 1.0) ** 2 / 4.0
+    total = np.where(n_pos == 0, tn + fn, total)  # empty truth: 1 - prediction
+    total = np.where(n_pos == n, tp + fp, total)  # full truth: the prediction
+    return total / (n - 1 + EPS)
 
 
 def _dice(tp, fp, fn):
@@ -40,7 +123,9 @@ def binary_metrics(prob: np.ndarray, truth: np.ndarray) -> dict:
     Returns:
         dict with the keys of :data:`METRICS` (float, or None where undefined) and ``present`` (bool).
     """
-    prob = np.asarray(prob, dtype=np.float64).ravel()
+    prob = np.asarray(prob, dtype=np.float64)
+    shape = prob.shape if prob.ndim == 2 else (1, prob.size)
+    prob = prob.ravel()
     truth = np.asarray(truth).ravel().astype(bool)
     if prob.shape != truth.shape:
         raise ValueError(f"prediction and ground truth differ in size: {prob.size} vs {truth.size}")
@@ -53,6 +138,7 @@ def binary_metrics(prob: np.ndarray, truth: np.ndarray) -> dict:
     tp = n_pos - np.searchsorted(pos_sorted, thresholds, side="left")
     fp = n_neg - np.searchsorted(neg_sorted, thresholds, side="left")
     dice256 = _dice(tp, fp, n_pos - tp)
+    e256 = _e_measure_counts(tp, fp, n_pos - tp, n_neg - fp)
     pred = prob >= THRESHOLD
     tp5 = int((pred & truth).sum())
     fp5 = int((pred & ~truth).sum())
@@ -65,6 +151,8 @@ def binary_metrics(prob: np.ndarray, truth: np.ndarray) -> dict:
         "sensitivity": tp5 / n_pos if n_pos else None,
         "specificity": (n_neg - fp5) / n_neg if n_neg else None,
         "mae": float(np.abs(prob - truth).mean()),
+        "s_measure": s_measure(prob.reshape(shape), truth.reshape(shape)),
+        "e_measure": float(e256.mean()),
         "present": n_pos > 0,
     }
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covfast.evaluate import binary_metrics, evaluate_slices, multiclass_metrics, summarize
+from covfast.evaluate import binary_metrics, evaluate_slices, multiclass_metrics, s_measure, summarize
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "covfast" / "weights" / "infnet.safetensors"
 
@@ -33,6 +33,58 @@ def test_dice_mean256_matches_naive_loop():
         tp, denom = (pred & truth).sum(), pred.sum() + truth.sum()
         naive.append(2 * tp / denom if denom else 1.0)
     assert binary_metrics(prob, truth)["dice_mean256"] == pytest.approx(np.mean(naive), abs=1e-12)
+
+
+def _e_measure_matrix(binary, truth):
+    # The toolbox's per-pixel matrices: alignment of the mean-removed maps, enhanced by (a + 1)^2 / 4.
+    eps = np.finfo(np.float64).eps
+    f, g = binary.astype(np.float64), truth.astype(np.float64)
+    if not truth.any():
+        enhanced = 1.0 - f
+    elif truth.all():
+        enhanced = f
+    else:
+        af, ag = f - f.mean(), g - g.mean()
+        enhanced = (2 * ag * af / (ag * ag + af * af + eps) + 1) ** 2 / 4
+    return enhanced.sum() / (truth.size - 1 + eps)
+
+
+@pytest.mark.parametrize("case", ["mixed", "empty", "full"])
+def test_e_measure_matches_per_pixel_matrices(case):
+    rng = np.random.default_rng(5)
+    prob = rng.random((11, 9))
+    truth = {"mixed": rng.random((11, 9)) > 0.7, "empty": np.zeros((11, 9), bool), "full": np.ones((11, 9), bool)}
+    naive = [_e_measure_matrix(prob >= j / 255, truth[case]) for j in range(256)]
+    assert binary_metrics(prob, truth[case])["e_measure"] == pytest.approx(np.mean(naive), abs=1e-12)
+
+
+def test_s_and_e_measure_match_an_independent_implementation():
+    # Reference values from PySODMetrics 1.6.2 (Smeasure.cal_sm, and Emeasure.cal_em_with_threshold averaged over
+    # t = j / 255), a separate Python port of the same MATLAB toolbox, on this map (already spanning [0, 1]).
+    truth = np.zeros((6, 7), bool)
+    truth[1:4, 2:6] = True
+    truth[4, 5] = True
+    prob = (np.arange(42).reshape(6, 7) % 9) / 8.0
+    prob[truth] = np.clip(prob[truth] + 0.4, 0, 1)
+    m = binary_metrics(prob, truth)
+    assert m["s_measure"] == pytest.approx(0.5463902113243632, abs=1e-12)
+    assert m["e_measure"] == pytest.approx(0.5445738977671077, abs=1e-12)
+
+
+def test_s_measure_limits():
+    rng = np.random.default_rng(2)
+    truth = np.zeros((20, 30), bool)
+    truth[5:12, 8:20] = True
+    assert s_measure(truth.astype(float), truth) == pytest.approx(1.0)
+    assert s_measure(1.0 - truth, truth) < 0.1
+    prob = rng.random((20, 30))
+    assert s_measure(prob, np.zeros_like(truth)) == pytest.approx(1 - prob.mean())
+    assert s_measure(prob, np.ones_like(truth)) == pytest.approx(prob.mean())
+    # A lesion in the last column puts the centroid there: the right-hand blocks are empty and weigh nothing.
+    edge = np.zeros((8, 8), bool)
+    edge[2:6, 7] = True
+    assert s_measure(edge.astype(float), edge) == pytest.approx(1.0)
+    assert 0.0 <= s_measure(rng.random((8, 8)), edge) <= 1.0
 
 
 def test_empty_truth_and_prediction_scores_one():
@@ -90,8 +142,9 @@ def test_evaluate_slices_known_dice(tmp_path):
     assert result["per_image"][0]["dice"] == pytest.approx(1.0)
     assert result["per_image"][1]["dice"] == pytest.approx(expected_b)
     assert result["dice"]["mean"] == pytest.approx((1.0 + expected_b) / 2)
-    for key in ("dice", "dice_present", "dice_mean256", "iou", "sensitivity", "specificity", "mae"):
+    for key in ("dice", "dice_present", "dice_mean256", "iou", "sensitivity", "specificity", "mae", "s_measure"):
         assert key in result
+    assert "e_measure" in result["per_image"][0]
     assert out.exists()
     # --weights: another folder's models are scored (a copy of the installed ones scores the same; none is an error).
     import shutil

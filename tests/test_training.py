@@ -303,3 +303,25 @@ def test_init_file_names_another_model_of_the_run(tmp_path):
     assert "fold0.safetensors" in note
     for (name, got), expected in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(got, expected), name
+
+
+def test_init_file_model_placeholder_follows_the_fit(tmp_path):
+    from covfast.nn import InfNet, save_model
+    from training.recipes import _model
+
+    config = {"in_ch": 1, "widths": [8, 16, 32, 64], "ch": 8, "ra_ch": 8}
+    (tmp_path / "base").mkdir()
+    sources = {}
+    for i, name in enumerate(("fold2.safetensors", "final.safetensors")):
+        torch.manual_seed(i)
+        sources[name] = InfNet(widths=(8, 16, 32, 64), ch=8, ra_ch=8)
+        save_model(sources[name], tmp_path / "base" / name, "infnet", config)
+    recipe = {"model": {"arch": "infnet", "config": config},
+              "init": {"run": "base", "file": "{model}", "prefix": ""}}
+    for name, source in sources.items():
+        model, note = _model(recipe, tmp_path, name)
+        assert name in note
+        for (key, got), expected in zip(model.state_dict().items(), source.state_dict().values()):
+            assert torch.equal(got, expected), key
+    first = next(iter(sources["fold2.safetensors"].state_dict().values()))
+    assert not torch.equal(first, next(iter(sources["final.safetensors"].state_dict().values())))

@@ -7,7 +7,9 @@ Recipe kinds:
                   ``cv.json``; final fit on all 50 -> ``final.safetensors``) or ``"pseudo"`` (the unlabelled
                   slices with their pseudo labels; one fit -> ``final.safetensors``).
 Optional keys: ``"init": {"run": NAME, "prefix": "backbone.", "file": "final.safetensors"}`` starts from matching
-weights of another run's ``final.safetensors`` (or the ``file`` named, e.g. ``fold0.safetensors``); ``"prior": {"run": NAME}`` feeds that single-class run's prediction (fold model in CV,
+weights of another run's ``final.safetensors`` (or the ``file`` named, e.g. ``fold0.safetensors``; ``"{model}"`` means
+the same fit's model of that run: ``fold<k>.safetensors`` in CV fold k, ``final.safetensors`` in the final fit, so a
+two-stage recipe cross-validates cleanly); ``"prior": {"run": NAME}`` feeds that single-class run's prediction (fold model in CV,
 final model otherwise) as the second input channel; ``"negatives": {..., "mix": {"labelled": P, GROUP: P, ...}}``
 adds infection-free slices (:func:`training.negatives.load_negatives`) to the labelled training slices and draws
 each group with the given probability.
@@ -72,12 +74,15 @@ def init_from(model: torch.nn.Module, path: Path, prefix: str = "") -> int:
     return copied
 
 
-def _model(recipe: dict, runs: Path) -> tuple[torch.nn.Module, str]:
+def _model(recipe: dict, runs: Path, model_file: str = "final.safetensors") -> tuple[torch.nn.Module, str]:
+    """Build the recipe's model; ``init.file`` may say ``{model}``: the init run's model of the same fit
+    (``fold<k>.safetensors`` for CV fold k, ``final.safetensors`` for the final fit)."""
     spec = recipe["model"]
     model = build_model(spec["arch"], **spec.get("config", {}))
     note = f"{spec['arch']} {count_parameters(model) / 1e6:.2f} M parameters"
     if recipe.get("init"):
-        source = runs / recipe["init"]["run"] / recipe["init"].get("file", "final.safetensors")
+        init_file = recipe["init"].get("file", "final.safetensors").replace("{model}", model_file)
+        source = runs / recipe["init"]["run"] / init_file
         copied = init_from(model, source, recipe["init"].get("prefix", ""))
         note += f"; {copied} tensors from {source}"
     return model, note
@@ -152,8 +157,10 @@ def _with_negatives(slices: SliceSet, negatives: dict[str, SliceSet], mix: dict[
     return merged, weights
 
 
-def _fit(recipe, runs, slices, device, seed, ckpt, priors=None, soft=False, negatives=None):
-    model, note = _model(recipe, runs)
+def _fit(
+    recipe, runs, slices, device, seed, ckpt, priors=None, soft=False, negatives=None, model_file="final.safetensors"
+):
+    model, note = _model(recipe, runs, model_file)
     task = recipe.get("task", "infection")
     weights = None
     if negatives:
@@ -210,6 +217,7 @@ def run_segment(
             out_dir / f"fold{k}.pt",
             priors=None if priors is None else priors[train],
             negatives=negatives,
+            model_file=f"fold{k}.safetensors",
         )
         val_set = labelled.subset(val)
         probs = predict(model, all_images[val], task, None if priors is None else priors[val])
