@@ -37,6 +37,7 @@ def infer(
     progress=None,
     engine: str = "auto",
     precision: str | None = None,
+    tta: str | None = None,
 ):
     """Quantify COVID-19 infection in one chest CT volume.
 
@@ -57,13 +58,16 @@ def infer(
             on the CPU, the first that is available), ``torch``, ``onnx`` or ``tensorrt``.
         precision: network precision: None (fp32, or the cached TensorRT engine's), ``fp32``, or ``bf16`` / ``fp16``
             (torch autocast; onnxruntime runs fp32 only, so ``auto`` then takes torch).
+        tta: test-time augmentation of the infection networks: None (the default,
+            :data:`covfast.pipeline.infection.DEFAULT_TTA`), ``none``, ``h`` (also the horizontally flipped slice) or
+            ``hv`` (also the vertically flipped one); the probabilities are averaged.
 
     Returns:
         :class:`covfast.pipeline.run.Result`; ``result.report`` is what report.json holds.
     """
     from covfast.pipeline.run import analyze
 
-    _check_engine(engine, precision)
+    _check_engine(engine, precision, tta)
     volume, timings = _timed_load(path_or_array, spacing, series)
     mask = None
     mask_source = None
@@ -89,17 +93,21 @@ def infer(
         progress=progress,
         engine=engine,
         precision=precision,
+        tta=tta,
     )
     if out_dir is not None:
         result.save(Path(out_dir), preview=preview)
     return result
 
 
-def _check_engine(engine: str, precision: str | None) -> None:
+def _check_engine(engine: str, precision: str | None, tta: str | None = None) -> None:
     from covfast.engine.runtime import check_engine, check_precision
+    from covfast.pipeline.infection import check_tta
 
     check_engine(engine)
     check_precision(precision)
+    if tta is not None:
+        check_tta(tta)
 
 
 def _timed_load(path_or_array, spacing=None, series: str | None = None) -> tuple:
@@ -120,6 +128,7 @@ def infer_many(
     rules: SeverityRules = DEFAULT_RULES,
     engine: str = "auto",
     precision: str | None = None,
+    tta: str | None = None,
     progress: Callable[[int], Callable[[int, int], None] | None] | None = None,
 ) -> Iterator[tuple[int, object]]:
     """Run :func:`infer` on several volumes, overlapping file reading and writing with the computation.
@@ -134,7 +143,7 @@ def infer_many(
         paths: inputs (``.nii``/``.nii.gz`` files or DICOM series folders).
         out_dirs: output folder of each input, same length as ``paths``.
         series: SeriesInstanceUID to take from DICOM folders holding several series.
-        device, batch_size, preview, rules, engine, precision: as for :func:`infer`.
+        device, batch_size, preview, rules, engine, precision, tta: as for :func:`infer`.
         progress: optional callable(index) -> callable(n_done, n_total) (or None), the infection network's progress
             callback for input ``index``.
 
@@ -146,7 +155,7 @@ def infer_many(
 
     if len(paths) != len(out_dirs):
         raise ValueError(f"{len(paths)} inputs but {len(out_dirs)} output folders")
-    _check_engine(engine, precision)
+    _check_engine(engine, precision, tta)
     with ThreadPoolExecutor(1, thread_name_prefix="covfast-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="covfast-write") as writer:
         reading = reader.submit(_timed_load, paths[0], None, series) if paths else None
@@ -159,7 +168,7 @@ def infer_many(
                 volume, timings = loaded.result()
                 outcome = analyze(volume, device=device, batch_size=batch_size, rules=rules, timings=timings,
                                   progress=progress(index) if progress else None, engine=engine,
-                                  precision=precision)
+                                  precision=precision, tta=tta)
             except CovfastError as exc:
                 outcome = exc
             if writing is not None:

@@ -17,6 +17,9 @@ from covfast.errors import EXIT_BAD_INPUT, EXIT_OK, CovfastError, UsageError
 # covfast.engine.ENGINES, spelled out so that building the parser does not import torch (a test checks they agree).
 ENGINE_CHOICES = ("auto", "torch", "onnx", "tensorrt")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")  # covfast.engine.runtime.PRECISIONS
+TTA_CHOICES = ("none", "h", "hv")  # covfast.pipeline.infection.TTA_CHOICES
+TTA_HELP = ("test-time augmentation of the infection networks: also run each slice flipped horizontally (h) or "
+            "horizontally and vertically (hv) and average (default: none)")
 
 INFER_EXAMPLE = """example:
   covfast infer scan.nii.gz -o out/          # writes out/scan/{report.json,lung_mask.nii.gz,infection_mask.nii.gz,preview.png}
@@ -76,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="precision of the infection networks (default: fp32, or the cached TensorRT engine's); bf16 / fp16 run "
         "torch under autocast (onnxruntime is fp32 only, so --engine auto then uses torch)",
     )
+    infer.add_argument("--tta", choices=TTA_CHOICES, help=TTA_HELP)
     infer.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
     infer.add_argument(
         "--infection-mask",
@@ -118,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--engine", choices=ENGINE_CHOICES, default="auto")
     bench.add_argument("--precision", choices=PRECISION_CHOICES, help="as for covfast infer")
+    bench.add_argument("--tta", choices=TTA_CHOICES, help="as for covfast infer")
     bench.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.set_defaults(func=cmd_benchmark)
@@ -133,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", choices=("infection", "multiclass", "instances"), default="infection")
     evaluate.add_argument("--json", metavar="FILE", help="write the scores as JSON")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--tta", choices=TTA_CHOICES, help=TTA_HELP)
     evaluate.add_argument("--weights", metavar="DIR",
                           help="folder of weights with their model cards to score (default: the installed models)")
     evaluate.set_defaults(func=cmd_evaluate_slices)
@@ -223,7 +229,7 @@ def cmd_infer(args) -> int:
     names = [_output_name(path, taken) for path in inputs]
     slices = [_SliceProgress(name, disable=args.quiet) for name in names]
     options = {"series": args.series, "device": device, "batch_size": args.batch_size,
-               "preview": not args.no_preview, "engine": args.engine, "precision": args.precision}
+               "preview": not args.no_preview, "engine": args.engine, "precision": args.precision, "tta": args.tta}
     if args.infection_mask:
         outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]
     else:
@@ -286,7 +292,7 @@ def cmd_benchmark(args) -> int:
 
     command = shlex.join(["covfast", *(args.argv if args.argv is not None else sys.argv[1:])])
     result = run_benchmark(args.input or sample_path(), runs=args.runs, device=args.device, engine=args.engine,
-                           batch_size=args.batch_size, command=command, precision=args.precision)
+                           batch_size=args.batch_size, command=command, precision=args.precision, tta=args.tta)
     print(format_benchmark(result))
     if args.json:
         from covfast.io.atomic import atomic_write
@@ -307,7 +313,7 @@ def cmd_evaluate_slices(args) -> int:
             raise UsageError(f"{flag} {folder}: not a folder")
     scores = evaluate_slices(
         args.images, args.masks, task=args.task, json_path=args.json, device=resolve_device(args.device),
-        weights_dir=args.weights,
+        weights_dir=args.weights, tta=args.tta,
     )
     summary = {k: v for k, v in scores.items() if k not in ("per_image",)}
     print(json.dumps(summary, indent=2))

@@ -235,7 +235,13 @@ def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def evaluate_slices(
-    images_dir, masks_dir, task: str = "infection", json_path=None, device: str = "cpu", weights_dir=None
+    images_dir,
+    masks_dir,
+    task: str = "infection",
+    json_path=None,
+    device: str = "cpu",
+    weights_dir=None,
+    tta: str | None = None,
 ) -> dict:
     """Run the installed models on 2D slices and score them against masks.
 
@@ -248,6 +254,8 @@ def evaluate_slices(
         json_path: optional file to write the result to as JSON.
         device: torch device for the models.
         weights_dir: folder of weights and model cards to score (default: the installed ones).
+        tta: test-time augmentation of the networks (:data:`covfast.pipeline.infection.TTA_CHOICES`; None: the
+            pipeline's default), recorded in the result as ``tta``.
 
     Returns:
         ``{"task", "n_images", "models", <summary>, "per_image": [...]}``. For "infection" the summary keys
@@ -255,15 +263,16 @@ def evaluate_slices(
         "consolidation". Each ``per_image`` entry names the image and carries its metrics.
     """
     from covfast.errors import ModelNotInstalledError, UsageError
-    from covfast.pipeline.infection import MULTI_CLASS, WEIGHTS_DIR, load_models, predict_slices
+    from covfast.pipeline.infection import DEFAULT_TTA, MULTI_CLASS, WEIGHTS_DIR, check_tta, load_models, predict_slices
 
     weights_dir = WEIGHTS_DIR if weights_dir is None else weights_dir
     if task == "instances":
         from covfast.instances import evaluate_instances
 
-        return evaluate_instances(images_dir, masks_dir, json_path, device, weights_dir)
+        return evaluate_instances(images_dir, masks_dir, json_path, device, weights_dir, tta)
     if task not in ("infection", "multiclass"):
         raise UsageError(f"unknown task {task!r}; use infection, multiclass or instances")
+    tta = check_tta(DEFAULT_TTA if tta is None else tta)
     pairs = _pairs(Path(images_dir), Path(masks_dir))
     models = load_models(device, multiclass=task == "multiclass", weights_dir=weights_dir)
     if task == "multiclass" and MULTI_CLASS not in models:
@@ -274,13 +283,13 @@ def evaluate_slices(
         truth = _read_labels(mask_path)
         if truth.shape != image.shape:
             raise UsageError(f"{mask_path}: size {truth.shape} differs from its image {image.shape}")
-        prob, class_prob = predict_slices(models, image[None], device=device)
+        prob, class_prob = predict_slices(models, image[None], device=device, tta=tta)
         if task == "infection":
             entry = binary_metrics(prob[0], truth > 127)
         else:
             entry = multiclass_metrics(class_prob[0], truth)
         per_image.append({"image": image_path.name, **entry})
-    result = {"task": task, "n_images": len(per_image), "models": [m.card for m in models.values()]}
+    result = {"task": task, "n_images": len(per_image), "models": [m.card for m in models.values()], "tta": tta}
     if task == "infection":
         result.update(summarize(per_image))
     else:

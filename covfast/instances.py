@@ -126,7 +126,9 @@ def slice_ap(pred: list[Instance], truth: list[Instance], thresholds: np.ndarray
     return out
 
 
-def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu", weights_dir=None) -> dict:
+def evaluate_instances(
+    images_dir, masks_dir, json_path=None, device: str = "cpu", weights_dir=None, tta: str | None = None
+) -> dict:
     """Lesion-instance AP of the shipped single-class Inf-Net on 2D slices.
 
     Args:
@@ -135,6 +137,7 @@ def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu
         json_path: optional file to write the result to as JSON.
         device: torch device for the model.
         weights_dir: folder of weights and model cards to score (default: the installed ones).
+        tta: test-time augmentation of the network (as for :func:`covfast.evaluate.evaluate_slices`).
 
     Returns:
         ``{"task": "instances", "n_images", "models", "ap50", "ap75", "map", "ci95", "per_image"}``: the three
@@ -143,8 +146,9 @@ def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu
     """
     from covfast.errors import UsageError
     from covfast.evaluate import _interval, _pairs, _read_gray, _read_labels
-    from covfast.pipeline.infection import WEIGHTS_DIR, load_models, predict_slices
+    from covfast.pipeline.infection import DEFAULT_TTA, WEIGHTS_DIR, check_tta, load_models, predict_slices
 
+    tta = check_tta(DEFAULT_TTA if tta is None else tta)
     pairs = _pairs(Path(images_dir), Path(masks_dir))
     models = load_models(device, multiclass=False, weights_dir=WEIGHTS_DIR if weights_dir is None else weights_dir)
     per_image = []
@@ -153,7 +157,7 @@ def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu
         truth = _read_labels(mask_path) > 127
         if truth.shape != image.shape:
             raise UsageError(f"{mask_path}: size {truth.shape} differs from its image {image.shape}")
-        prob, _ = predict_slices(models, image[None], device=device)
+        prob, _ = predict_slices(models, image[None], device=device, tta=tta)
         pred = extract_instances(prob[0])
         gt = truth_instances(truth)
         ap = slice_ap(pred, gt)
@@ -167,7 +171,7 @@ def evaluate_instances(images_dir, masks_dir, json_path=None, device: str = "cpu
                 "map": float(ap.mean()),
             }
         )
-    result = {"task": "instances", "n_images": len(per_image), "models": [m.card for m in models.values()]}
+    result = {"task": "instances", "n_images": len(per_image), "models": [m.card for m in models.values()], "tta": tta}
     for key in ("ap50", "ap75", "map"):
         result[key] = float(np.mean([entry[key] for entry in per_image]))
     result["ci95"] = {key: _interval([entry[key] for entry in per_image])["ci95"] for key in ("ap50", "ap75", "map")}

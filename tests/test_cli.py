@@ -173,6 +173,7 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
     assert infected["total"] > 1.0  # P001 is a COVID-19 case with visible lesions
     assert report["severity"]["ct_class"] in {"CT1", "CT2", "CT3", "CT4"}
     assert report["diagnosis"]["label"] in {"covid", "pneumonia", "normal"}
+    assert report["infection_source"]["tta"] == "none"
     assert sum(report["diagnosis"]["probs"].values()) == pytest.approx(1.0, abs=1e-3)
     assert "held-out volumes" in report["diagnosis"]["validation"]
     assert report["lesions"]["count"] == len(report["lesions"]["volumes_ml"]) > 0
@@ -187,12 +188,14 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
 
 
 def test_engine_choices_match_the_engine_module():
-    from covfast.cli import ENGINE_CHOICES, PRECISION_CHOICES
+    from covfast.cli import ENGINE_CHOICES, PRECISION_CHOICES, TTA_CHOICES
     from covfast.engine import ENGINES
     from covfast.engine.runtime import PRECISIONS
+    from covfast.pipeline import infection
 
     assert ENGINE_CHOICES == ENGINES
     assert PRECISION_CHOICES == PRECISIONS
+    assert TTA_CHOICES == infection.TTA_CHOICES
 
 
 def test_onnx_engine_with_bf16_is_a_usage_error(tmp_path, capsys):

@@ -353,3 +353,66 @@ def test_first_max_channel_equals_argmax_with_ties(channels):
     gen = torch.Generator().manual_seed(channels)
     maps = (torch.rand(channels, 17, 23, generator=gen) * 4).round() / 4  # few distinct values: many ties
     torch.testing.assert_close(_first_max_channel(maps), maps.argmax(dim=0).to(torch.uint8), rtol=0, atol=0)
+
+
+class _AsymmetricEngine:
+    """A stand-in engine whose output depends on where a pixel sits, so flipped passes differ from the plain one."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def run_tensor(self, x):
+        ramp = torch.linspace(0, 1, x.shape[-1]) * torch.linspace(1, 2, x.shape[-2])[:, None]
+        out = torch.sigmoid(x[:, :1] * ramp + x[:, -1:])
+        return out.expand(-1, self.channels, -1, -1).clone()
+
+    def run_with_features(self, x):
+        return self.run_tensor(x), x[:, :1, ::8, ::8] * 3
+
+
+@pytest.mark.parametrize("tta", ["h", "hv"])
+def test_tta_runners_average_the_flipped_passes(tta):
+    from covfast.pipeline.infection import _runners
+
+    single, multi = _AsymmetricEngine(1), _AsymmetricEngine(3)
+    x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    flips = [(-1,)] + ([(-2,)] if tta == "hv" else [])
+    run_single, run_multi = _runners([single, multi], tta)
+    prob, features = run_single(x[:, :1])
+    expected = single.run_tensor(x[:, :1]) + sum(single.run_tensor(x[:, :1].flip(d)).flip(d) for d in flips)
+    torch.testing.assert_close(prob, expected / (len(flips) + 1))
+    assert not torch.allclose(prob, single.run_tensor(x[:, :1]))
+    torch.testing.assert_close(features, x[:, :1, ::8, ::8] * 3)  # the unflipped pass's features
+    expected = multi.run_tensor(x) + sum(multi.run_tensor(x.flip(d)).flip(d) for d in flips)
+    torch.testing.assert_close(run_multi(x), expected / (len(flips) + 1))
+    plain = _runners([single, multi], "none")
+    assert plain[0].__self__ is single and plain[1].__self__ is multi  # no wrapper without TTA
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+def test_tta_on_the_shipped_model_is_the_mean_of_flipped_predictions(sample_slab):
+    from covfast.pipeline.infection import load_models, predict_slices
+
+    hu, lung = sample_slab
+    z, crop = lung_slices(lung)[2]
+    view = slice_view(hu, z, crop)[None]
+    models = load_models("cpu", multiclass=False)
+    plain = predict_slices(models, view)[0]
+    flipped = predict_slices(models, np.ascontiguousarray(view[:, :, ::-1]))[0][:, :, ::-1]
+    both = predict_slices(models, view, tta="h")[0]
+    np.testing.assert_allclose(both, (plain + flipped) / 2, atol=1e-5)
+    assert np.abs(both - plain).max() > 1e-3
+    result = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="torch", multiclass=False, tta="hv")
+    assert result.prob.shape == hu.shape and not result.prob[lung == 0].any()
+
+
+def test_unknown_tta_is_a_usage_error(capsys):
+    from covfast.cli import main
+    from covfast.errors import UsageError
+    from covfast.pipeline.infection import check_tta
+
+    with pytest.raises(UsageError, match="unknown test-time augmentation"):
+        check_tta("rot90")
+    with pytest.raises(SystemExit) as info:
+        main(["infer", "x.nii.gz", "--tta", "rot90"])
+    assert info.value.code == 2 and "--tta" in capsys.readouterr().err

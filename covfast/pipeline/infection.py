@@ -15,6 +15,9 @@ volume is mapped into that distribution:
 Only slices whose lung mask is non-empty run; the probabilities are resized back to the crop and placed in a
 zero volume, so the output has the input's full grid.
 
+With test-time augmentation (``tta``, :data:`TTA_CHOICES`) the networks also run on flipped copies of each batch
+and the probabilities are averaged.
+
 The networks run through the inference engines of :mod:`covfast.engine` (TensorRT, torch, onnxruntime), chosen once
 per process by :func:`covfast.engine.select_engine`; every engine runs the same probability graph.
 """
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covfast.errors import ModelNotInstalledError
+from covfast.errors import ModelNotInstalledError, UsageError
 from covfast.pipeline.severity import PROBABILITY_THRESHOLD
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -45,6 +48,12 @@ CROP_MARGIN = 0.08
 # slices held no multi-class infection voxel (15 of 139, 15 of 154 and 64 of 135 slices skipped), so the masks are
 # unchanged and infection-free slices cost one network instead of two.
 MULTICLASS_MIN_PROB = 0.5
+# Test-time augmentation: the networks also run on flipped copies of each input slice (flips along the given tensor
+# dimensions of the network's [N, C, S, S] input; training augmented with both flips) and the probabilities, flipped
+# back, are averaged. ``h`` flips the slice's columns, ``hv`` also its rows (three passes per network).
+_TTA_FLIPS = {"none": (), "h": ((-1,),), "hv": ((-1,), (-2,))}
+TTA_CHOICES = tuple(_TTA_FLIPS)
+DEFAULT_TTA = "none"
 
 
 @dataclass
@@ -239,10 +248,40 @@ def _run_networks(runners: list[Callable], x: torch.Tensor):
     return prob, class_prob, features
 
 
-def _runners(engines: list) -> list[Callable]:
-    """The callables :func:`_run_networks` takes, from engines with the single-class network's first."""
+def _runners(engines: list, tta: str = "none") -> list[Callable]:
+    """The callables :func:`_run_networks` takes, from engines with the single-class network's first, averaged over
+    the flips of ``tta`` (:data:`TTA_CHOICES`)."""
     first, *rest = engines
-    return [first.run_with_features, *(engine.run_tensor for engine in rest)]
+    runners = [first.run_with_features, *(engine.run_tensor for engine in rest)]
+    flips = _TTA_FLIPS[check_tta(tta)]
+    if not flips:
+        return runners
+    single, *others = runners
+
+    def averaged(run: Callable) -> Callable:
+        def call(x: torch.Tensor) -> torch.Tensor:
+            total = run(x)
+            for dims in flips:
+                total = total + run(x.flip(dims)).flip(dims)
+            return total / (len(flips) + 1)
+
+        return call
+
+    def averaged_single(x: torch.Tensor):
+        # The diagnosis stage pools its RoIs from the unflipped pass's features.
+        prob, features = single(x)
+        for dims in flips:
+            prob = prob + single(x.flip(dims))[0].flip(dims)
+        return prob / (len(flips) + 1), features
+
+    return [averaged_single, *(averaged(run) for run in others)]
+
+
+def check_tta(tta: str) -> str:
+    """``tta`` if it is one of :data:`TTA_CHOICES`, else a UsageError naming them."""
+    if tta not in _TTA_FLIPS:
+        raise UsageError(f"unknown test-time augmentation {tta!r}; use one of {', '.join(TTA_CHOICES)}")
+    return tta
 
 
 def _first_max_channel(maps: torch.Tensor) -> torch.Tensor:
@@ -263,7 +302,7 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_size: int = 8):
+def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_size: int = 8, tta: str = DEFAULT_TTA):
     """Run the models on 8-bit slices that already look like the training slices.
 
     Args:
@@ -271,6 +310,7 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
         slices: [N, H, W] uint8 grey slices.
         device: torch device.
         batch_size: slices per forward pass.
+        tta: test-time augmentation, one of :data:`TTA_CHOICES`.
 
     Returns:
         (prob [N, H, W] float32, class_prob [N, 3, H, W] float32 or None without a multi-class model).
@@ -278,7 +318,7 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
     from covfast.engine.runtime import TorchEngine
     from covfast.nn.preprocess import to_input
 
-    runners = _runners([TorchEngine(loaded.model, device) for loaded in models.values()])
+    runners = _runners([TorchEngine(loaded.model, device) for loaded in models.values()], tta)
     size = slices.shape[1:]
     probs, class_probs = [], []
     with torch.inference_mode():
@@ -383,6 +423,7 @@ def segment_infection(
     weights_dir: str | Path = WEIGHTS_DIR,
     engine: str = "auto",
     precision: str | None = None,
+    tta: str = DEFAULT_TTA,
 ) -> InfectionResult:
     """Infection probability (and GGO / consolidation labels) of a CT volume.
 
@@ -399,23 +440,25 @@ def segment_infection(
         weights_dir: folder of installed weights.
         engine: ``auto``, ``torch``, ``onnx`` or ``tensorrt`` (see :func:`covfast.engine.select_engine`).
         precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
+        tta: test-time augmentation, one of :data:`TTA_CHOICES` (see the module docstring).
 
     Returns:
         :class:`InfectionResult` on the full [D, H, W] grid.
 
     Raises:
         ModelNotInstalledError: no infection weights installed.
-        UsageError: the requested engine is unavailable.
+        UsageError: the requested engine is unavailable, or ``tta`` is unknown.
         ValueError: ``hu`` and ``lung`` differ in shape or are not 3D.
     """
     del spacing_mm
+    check_tta(tta)
     if hu.ndim != 3 or hu.shape != lung.shape:
         raise ValueError(f"hu and lung must be [D, H, W] of one shape; got {hu.shape} and {lung.shape}")
     from covfast.ops import infection_ratio
 
     t0 = time.perf_counter()
     engines = infection_engines(engine, device, multiclass, weights_dir, precision)
-    runners = _runners([selection.engine for selection, _ in engines.values()])
+    runners = _runners([selection.engine for selection, _ in engines.values()], tta)
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
     work = lung_slices(lung)

@@ -177,6 +177,7 @@ def analyze(
     diagnose_volume: bool = True,
     engine: str = "auto",
     precision: str | None = None,
+    tta: str | None = None,
 ) -> Result:
     """Run every stage on a loaded volume.
 
@@ -195,6 +196,8 @@ def analyze(
         engine: inference engine of the infection networks, ``auto``, ``torch``, ``onnx`` or ``tensorrt``
             (:func:`covfast.engine.select_engine`); what ran is recorded under the report's ``engine`` key.
         precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
+        tta: test-time augmentation of the infection networks (:data:`covfast.pipeline.infection.TTA_CHOICES`;
+            None: the default), recorded under the report's ``infection_source``.
 
     Returns:
         :class:`Result`.
@@ -220,17 +223,19 @@ def analyze(
             infection_source = {"kind": "mask", "path": infection_mask_source}
         else:
             try:
-                from covfast.pipeline.infection import segment_infection
+                from covfast.pipeline.infection import DEFAULT_TTA, segment_infection
+
+                tta = DEFAULT_TTA if tta is None else tta
 
                 # The written masks keep only in-lung findings (segment_infection zeroes the rest) and the counts come
                 # from the device that made them.
                 seg = segment_infection(
                     volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size, progress=progress,
-                    engine=engine, precision=precision,
+                    engine=engine, precision=precision, tta=tta,
                 )
                 prob, classes, counts = seg.prob, seg.mask, seg.counts
                 models, engines, view_prob, view_features = list(seg.models), seg.engines, seg.view_prob, seg.view_features
-                infection_source = {"kind": "model", "models": [m["name"] for m in models]}
+                infection_source = {"kind": "model", "models": [m["name"] for m in models], "tta": tta}
             except (ModelNotInstalledError, ImportError) as exc:
                 notes.append(f"no infection model is installed ({exc}); pass --infection-mask to quantify infection")
 
