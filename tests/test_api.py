@@ -53,3 +53,53 @@ def test_infer_rejects_an_unknown_engine(chest):
 
     with pytest.raises(UsageError, match="unknown engine 'openvino'"):
         covfast.infer(chest["hu"], spacing=chest["spacing"], device="cpu", engine="openvino")
+
+
+def _fake_segmentation(chest, monkeypatch):
+    """The infection stage replaced by a fixed result: one large lesion and one 8-voxel speck in the left lung."""
+    from covfast.pipeline import infection
+    from covfast.pipeline.run import _reduce
+
+    left = np.argwhere(chest["left"])
+    centre = left[len(left) // 2]
+    mask = np.zeros(chest["hu"].shape, np.uint8)
+    mask[chest["ggo"]] = 1
+    speck = tuple(slice(c, c + 2) for c in centre)
+    assert not mask[speck].any()
+    mask[speck] = 2
+    prob = np.where(mask > 0, 0.9, 0.1).astype(np.float32)
+
+    def segment(hu, lung, spacing_mm, **kwargs):
+        lung_voxels, infected_voxels, soft = _reduce(lung, mask, 0.5)
+        counts = infection.InfectionCounts(lung_voxels, infected_voxels, _reduce(lung, prob, 0.5)[2])
+        return infection.InfectionResult(prob.copy(), mask.copy(), [], {}, {}, {}, mask.copy(), counts, {})
+
+    monkeypatch.setattr(infection, "segment_infection", segment)
+    return mask, speck
+
+
+def test_small_network_components_are_dropped_from_masks_and_numbers(chest, monkeypatch):
+    from covfast.api import load
+    from covfast.pipeline.run import analyze
+    from covfast.pipeline.severity import SeverityRules
+
+    mask, speck = _fake_segmentation(chest, monkeypatch)
+    volume = load(chest["hu"], spacing=chest["spacing"])
+    voxel_ml = float(np.prod(chest["spacing"])) / 1000
+    speck_ml = 8 * voxel_ml
+    assert speck_ml < 0.2 < chest["ggo"].sum() * voxel_ml
+    kept = analyze(volume, device="cpu", diagnose_volume=False, rules=SeverityRules(min_component_ml=0))
+    cleaned = analyze(volume, device="cpu", diagnose_volume=False)
+    assert cleaned.report["rules"]["min_component_ml"] == 0.2
+    assert kept.infection_mask[speck].all() and not cleaned.infection_mask[speck].any()
+    assert not cleaned.infection_prob[speck].any()
+    np.testing.assert_array_equal(cleaned.infection_mask[mask == 1], 1)  # the large lesion stays
+    before, after = kept.report["infected_volume_ml"], cleaned.report["infected_volume_ml"]
+    assert before["consolidation"] == pytest.approx(speck_ml)
+    assert after["total"] == pytest.approx(before["total"] - speck_ml)
+    assert after["total"] == pytest.approx(before["ggo"])
+    assert after["soft"] == pytest.approx(before["soft"] - 8 * 0.9 * voxel_ml, rel=1e-5)
+    # A mask given by the user is counted as it is.
+    given = covfast.infer(chest["hu"], spacing=chest["spacing"], infection_mask=mask, device="cpu")
+    assert given.infection_mask[speck].all()
+    assert given.report["infected_volume_ml"]["consolidation"] == pytest.approx(speck_ml)

@@ -416,3 +416,23 @@ def test_unknown_tta_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["infer", "x.nii.gz", "--tta", "rot90"])
     assert info.value.code == 2 and "--tta" in capsys.readouterr().err
+
+
+def test_drop_small_components_by_volume_with_26_connectivity():
+    from covfast.pipeline.infection import drop_small_components
+
+    mask = np.zeros((6, 10, 10), np.uint8)
+    mask[1:4, 1:4, 1:4] = 1  # 27 voxels
+    mask[4, 4, 4] = 2  # touches the cube only at a corner: the same 26-connected component
+    mask[1, 8, 8] = 1  # a lone voxel
+    prob = np.where(mask > 0, 0.8, 0.05).astype(np.float32)
+    prob[5, 0, 0] = 0.7  # above threshold in prob only: a component too
+    spacing = (2.0, 1.0, 1.0)  # 2 uL per voxel
+    m, p = mask.copy(), prob.copy()
+    assert drop_small_components(m, p, spacing, 0.0) == 0 and np.array_equal(m, mask)
+    assert drop_small_components(m, p, spacing, 0.01) == 2  # the lone voxel and the prob-only voxel (2 uL each)
+    assert m[1, 8, 8] == 0 and p[1, 8, 8] == 0 and p[5, 0, 0] == 0
+    assert (m[1:4, 1:4, 1:4] == 1).all() and m[4, 4, 4] == 2 and p[4, 4, 4] == pytest.approx(0.8)
+    assert p[0, 0, 0] == pytest.approx(0.05)  # below threshold, untouched
+    assert drop_small_components(m, p, spacing, 0.057) == 1 and not m.any()  # 28 voxels = 0.056 mL
+    assert drop_small_components(m, p, spacing, 1.0) == 0

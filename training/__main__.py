@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--areas", default="20,100,500", help="comma-separated flag areas in mm^2 also scored")
     check.add_argument("--hu-gates", default="", help="comma-separated HU thresholds applied afterwards and scored")
+    check.add_argument("--tta", default="none", help="test-time augmentation of the networks: none, h or hv")
+    check.add_argument(
+        "--min-component-ml", type=float, default=None, help="drop smaller infection components (default: infer's)"
+    )
     args = parser.parse_args(argv)
     if args.command == "carry":
         from training.carry import make_carry
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
         areas = tuple(float(a) for a in args.areas.split(",") if a.strip())
         gates = tuple(float(g) for g in args.hu_gates.split(",") if g.strip())
-        check_volumes(args.data, args.out, args.min_area_mm2, args.weights, areas, gates)
+        check_volumes(
+            args.data, args.out, args.min_area_mm2, args.weights, areas, gates, args.tta, args.min_component_ml
+        )
         return 0
     if args.command == "score":
         import json

@@ -89,6 +89,8 @@ def check_volumes(
     weights_dir: str | Path | None = None,
     areas_mm2: tuple[float, ...] = (20.0, 100.0, 500.0),
     hu_gates: tuple[float, ...] = (),
+    tta: str = "none",
+    min_component_ml: float | None = None,
 ) -> dict:
     """Per case: slice sensitivity / specificity of the infected-slice flags, and the mean of the mapped input.
 
@@ -100,22 +102,35 @@ def check_volumes(
         areas_mm2: further flag areas scored into ``slice_flags``.
         hu_gates: HU thresholds of :func:`covfast.pipeline.infection.gate_aerated` applied to the model's output
             afterwards, each scored into ``slice_flags_hu_gate[gate]``.
+        tta: test-time augmentation of the infection networks (:data:`covfast.pipeline.infection.TTA_CHOICES`).
+        min_component_ml: drop infection components under this volume as ``covfast infer`` does (None: its
+            default, ``SeverityRules.min_component_ml``; 0 keeps everything).
 
     Returns:
         ``{case: {...}}`` as written to ``volumes.json``.
     """
     from covfast.io import load_volume
-    from covfast.pipeline.infection import WEIGHTS_DIR, gate_aerated, lung_crop, segment_infection, window_hu
+    from covfast.pipeline.infection import (
+        WEIGHTS_DIR,
+        drop_small_components,
+        gate_aerated,
+        lung_crop,
+        segment_infection,
+        window_hu,
+    )
     from covfast.pipeline.lung import lung_mask
+    from covfast.pipeline.severity import DEFAULT_RULES
 
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = json.loads((data / "labels.json").read_text())
+    min_ml = DEFAULT_RULES.min_component_ml if min_component_ml is None else min_component_ml
     summary = {}
     for case, info in labels.items():
         volume = load_volume(data / case)
         lung = lung_mask(volume.hu, volume.spacing_mm)
-        result = segment_infection(volume.hu, lung, volume.spacing_mm, weights_dir=weights_dir or WEIGHTS_DIR)
+        result = segment_infection(volume.hu, lung, volume.spacing_mm, weights_dir=weights_dir or WEIGHTS_DIR, tta=tta)
+        dropped = drop_small_components(result.mask, result.prob, volume.spacing_mm, min_ml)
         pixel_mm2 = volume.spacing_mm[1] * volume.spacing_mm[2]
         area = ((result.prob > 0.5) & (lung > 0)).sum(axis=(1, 2)) * pixel_mm2
         truth = np.asarray(info["infection_slice_labels"], bool)
@@ -124,6 +139,9 @@ def check_volumes(
         crops = [window_hu(volume.hu[z][c]) for z in range(len(area)) if (c := lung_crop(lung[z] > 0))]
         summary[case] = {
             "diagnosis": info["diagnosis"],
+            "tta": tta,
+            "min_component_ml": min_ml,
+            "components_dropped": dropped,
             "slices": len(area),
             "labelled_infected": int(truth.sum()),
             **slice_flag_scores(area, truth, min_area_mm2),

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from covfast.errors import ModelNotInstalledError
 from covfast.instances import PROB_THRESHOLD, extract_instances
 from covfast.nn.affinity import CLASSES, pool_rois, select_rois
-from covfast.pipeline.infection import WEIGHTS_DIR, lung_crop, window_hu
+from covfast.pipeline.infection import WEIGHTS_DIR, bounding_box, lung_crop, window_hu
 
 MODEL_NAME = "affinity"
 FEATURE_STRIDE = 8
@@ -167,9 +167,7 @@ def lesion_volumes(infection_prob: np.ndarray, lung: np.ndarray, spacing_mm) -> 
     if not mask.any():
         return []
     # Label only the lesions' bounding box: the same components, a smaller array to label and count.
-    box = tuple(
-        slice(idx[0], idx[-1] + 1) for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-    )
+    box = bounding_box(mask)
     labels = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26)
     sizes = np.bincount(labels.ravel())[1:] * voxel_ml
     return sorted((float(v) for v in sizes if v >= MIN_LESION_ML), reverse=True)

@@ -331,6 +331,48 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
     return np.concatenate(probs), (np.concatenate(class_probs) if class_probs else None)
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The smallest box holding every nonzero voxel of a non-empty [D, H, W] mask, as slices."""
+    return tuple(
+        slice(idx[0], idx[-1] + 1) for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    )
+
+
+def drop_small_components(mask: np.ndarray, prob: np.ndarray, spacing_mm, min_ml: float) -> int:
+    """Remove the network's infection components smaller than ``min_ml``, in place.
+
+    Components are 26-connected in 3D over ``mask > 0 | prob > PROBABILITY_THRESHOLD``; each one under ``min_ml`` is
+    set to 0 in ``mask`` and in ``prob``, so the masks, the probability map and every number taken from them agree.
+
+    Args:
+        mask: [D, H, W] uint8 infection mask (0/1 or 0/1/2), changed in place.
+        prob: [D, H, W] float32 probability, changed in place.
+        spacing_mm: (dz, dy, dx) voxel spacing.
+        min_ml: smallest component kept, in mL; 0 keeps everything.
+
+    Returns:
+        Number of components removed.
+    """
+    import cc3d
+
+    if min_ml <= 0:
+        return 0
+    found = (mask > 0) | (prob > PROBABILITY_THRESHOLD)
+    if not found.any():
+        return 0
+    box = bounding_box(found)  # the same components, a smaller array to label
+    labels = cc3d.connected_components(np.ascontiguousarray(found[box]), connectivity=26)
+    sizes = np.bincount(labels.ravel()) * (float(np.prod(spacing_mm)) / 1000.0)
+    small = sizes < min_ml
+    small[0] = False
+    if not small.any():
+        return 0
+    drop = small[labels]
+    mask[box][drop] = 0
+    prob[box][drop] = 0.0
+    return int(small.sum())
+
+
 def window_hu(hu: np.ndarray) -> np.ndarray:
     """HU -> 8-bit lung window: clip to :data:`HU_WINDOW`, scale to 0..255; same shape, uint8."""
     lo, hi = HU_WINDOW

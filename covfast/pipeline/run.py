@@ -223,7 +223,7 @@ def analyze(
             infection_source = {"kind": "mask", "path": infection_mask_source}
         else:
             try:
-                from covfast.pipeline.infection import DEFAULT_TTA, segment_infection
+                from covfast.pipeline.infection import DEFAULT_TTA, drop_small_components, segment_infection
 
                 tta = DEFAULT_TTA if tta is None else tta
 
@@ -234,6 +234,8 @@ def analyze(
                     engine=engine, precision=precision, tta=tta,
                 )
                 prob, classes, counts = seg.prob, seg.mask, seg.counts
+                if drop_small_components(classes, prob, volume.spacing_mm, rules.min_component_ml):
+                    counts = None  # counted again below from the cleaned masks
                 models, engines, view_prob, view_features = list(seg.models), seg.engines, seg.view_prob, seg.view_features
                 infection_source = {"kind": "model", "models": [m["name"] for m in models], "tta": tta}
             except (ModelNotInstalledError, ImportError) as exc:
@@ -250,6 +252,8 @@ def analyze(
             soft_ml = float(counts.soft_sum.sum() * voxel_ml)
         elif classes is not None:
             lung_voxels, infected_voxels, _ = _reduce(lung, classes, PROBABILITY_THRESHOLD)
+            if prob is not None:
+                soft_ml = float(_reduce(lung, prob, PROBABILITY_THRESHOLD)[2].sum() * voxel_ml)
         else:
             lung_voxels = _reduce(lung, np.zeros_like(lung), PROBABILITY_THRESHOLD)[0]
     with _timed(timings, "severity"):

@@ -22,6 +22,11 @@ Rules (documented in the README and recorded in ``report.json``):
 * **COVID-positive slice** (Qiblawey's slice rule): a slice is positive when its infected area (voxels with
   p > threshold inside the lung) is at least ``min_lesion_area_mm2`` (default 20 mm^2, a disc of 5 mm
   diameter: smaller specks are mostly vessel partial-volume and boundary noise rather than lesions).
+* **Small components** (network segmentations only, not a mask passed with ``--infection-mask``): 3D
+  26-connected infection components under ``min_component_ml`` (default 0.2 mL, a sphere of 7 mm diameter) are
+  removed from the masks and the probability map before anything is counted. On the three COVID-CT-MD volumes this
+  raised the slice specificity of the normal case from 0.68 to 0.80 (slices with >= 20 mm^2 flagged) and the CAP
+  case's from 0.26 to 0.32 for 0.03 of the COVID case's slice sensitivity (training/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class SeverityRules:
     min_lesion_ml: float = 0.5
     min_lesion_area_mm2: float = 20.0
     min_slice_lung_mm2: float = 100.0
+    min_component_ml: float = 0.2
 
     def describe(self) -> dict:
         return {
@@ -57,6 +63,9 @@ class SeverityRules:
             "min_lesion_area_mm2": self.min_lesion_area_mm2,
             "mean_of_slices": "mean of per-slice infected/lung area over slices with lung area >= min_slice_lung_mm2",
             "min_slice_lung_mm2": self.min_slice_lung_mm2,
+            "small_components": "3D 26-connected components of the network's infection mask under min_component_ml "
+            "are removed before counting (not applied to a mask given with --infection-mask)",
+            "min_component_ml": self.min_component_ml,
             "zones": "each lung's slice extent cut into lower/middle/upper thirds; zone score 0-5 "
             "(0 none, 1 <5 %, 2 5-25 %, 3 25-50 %, 4 50-75 %, 5 >=75 %); zone CT score = sum over 6 zones (0-30), "
             "an approximation of lobe-based scores",
