@@ -1,5 +1,8 @@
 """Affinity head (covfast.nn.affinity) and the diagnosis stage (covfast.pipeline.diagnosis)."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +154,26 @@ def test_diagnose_refuses_a_head_trained_on_another_infnet(tmp_path):
     volume = np.zeros((2, 8, 8), np.int16)
     with pytest.raises(ModelNotInstalledError, match="trained on the features"):
         diagnose(volume, volume.astype(np.uint8), volume.astype(np.float32), (1.0, 1.0, 1.0), weights_dir=tmp_path)
+
+
+def test_final_card_names_the_backbone_that_made_the_cache(tmp_path):
+    from training.affinity import final
+
+    out = tmp_path / "run"
+    (out / "cache").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    classes = ["covid", "pneumonia", "normal"] * 2
+    np.save(out / "cache" / "toy.npy", rng.standard_normal((6, 8, 65, 28, 28)).astype(np.float16))
+    meta = {"patient": "toy", "cls": classes, "scored": [True] * 6, "slice": list(range(6)), "lesions": [1] * 6}
+    (out / "cache" / "toy.json").write_text(json.dumps(meta))
+    candidate = tmp_path / "candidate"
+    (out / "cache_backbone.json").write_text(
+        json.dumps({"name": "infnet", "sha256": "ab" * 32, "weights": str(candidate / "infnet.safetensors")})
+    )
+    recipe = json.loads((Path(__file__).resolve().parents[1] / "training/recipes/affinity.json").read_text())
+    recipe["optim"].update(steps=2, batch=4)
+    final(out, recipe, "training/recipes/affinity.json", ship=False)
+    card = json.loads((out / "affinity.json").read_text())
+    assert card["backbone"] == {"name": "infnet", "sha256": "ab" * 32}
+    assert f"--weights {candidate}" in card["command"]
+    assert card["data"] == {"toy": 6} and (out / "affinity.safetensors").exists()

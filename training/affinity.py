@@ -47,10 +47,21 @@ CCCCII_SPACING_MM = (1.0, 0.7, 0.7)
 LOPO_PATIENTS = tuple(CT_MD_CASES)
 
 
-def _infnet(device: str):
-    from covfast.pipeline.infection import SINGLE_CLASS, load_models
+def _infnet(device: str, weights_dir: str | Path | None = None):
+    from covfast.pipeline.infection import SINGLE_CLASS, WEIGHTS_DIR, load_models
 
-    return load_models(device, multiclass=False)[SINGLE_CLASS]
+    return load_models(device, multiclass=False, weights_dir=weights_dir or WEIGHTS_DIR)[SINGLE_CLASS]
+
+
+def _cache_backbone(out: Path) -> dict:
+    """Name and SHA-256 of the Inf-Net whose backbone made ``out/cache`` (the installed one for caches from before
+    ``cache_backbone.json`` was written)."""
+    from covfast.pipeline.infection import SINGLE_CLASS
+
+    path = out / "cache_backbone.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"name": SINGLE_CLASS, "sha256": _infnet("cpu").card["sha256"]}
 
 
 @torch.no_grad()
@@ -77,16 +88,19 @@ def _ct_md_labels(info: dict, z_mm: np.ndarray) -> np.ndarray:
     return np.asarray(info["infection_slice_labels"], dtype=bool)[nearest]
 
 
-def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16) -> None:
-    """Compute and store RoI features and labels of every source slice under ``out/cache``."""
+def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_dir: str | Path | None = None) -> None:
+    """Compute and store RoI features and labels of every source slice under ``out/cache``, with the Inf-Net of
+    ``weights_dir`` (default: the installed one), whose name and SHA-256 go to ``out/cache_backbone.json``."""
     from PIL import Image
 
     from covfast.io import load_volume
     from covfast.pipeline.lung import lung_mask
 
-    infnet = _infnet(device)
+    infnet = _infnet(device, weights_dir)
     extractor = RoiFeatures(infnet.model.backbone, device=device)
     (out / "cache").mkdir(parents=True, exist_ok=True)
+    backbone = {"name": infnet.card["name"], "sha256": infnet.card["sha256"], "weights": str(infnet.card["file"])}
+    (out / "cache_backbone.json").write_text(json.dumps(backbone, indent=2) + "\n")
 
     def store(name: str, views: list[np.ndarray], meta: dict) -> list[int]:
         feats, counts = [], []
@@ -270,17 +284,21 @@ def lopo(out: Path, recipe: dict) -> dict:
 def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
     """Train on every cached slice; with ``ship`` write covfast/weights/affinity.{safetensors,json}.
 
-    The card records the SHA-256 of the installed infnet, whose backbone made the cached features: run ``cache`` and
-    ``final`` with the same infnet installed (the diagnosis stage refuses a head trained on another one).
+    The card records the SHA-256 of the infnet whose backbone made the cached features (``cache_backbone.json``
+    beside the cache): the diagnosis stage refuses the head beside any other infnet.
     """
     from covfast.nn import count_parameters, save_model
-    from covfast.pipeline.infection import SINGLE_CLASS
+    from covfast.pipeline.infection import WEIGHTS_DIR
 
     feats, rows = load_cache(out)
     t0 = time.perf_counter()
     model = train(feats, rows, np.arange(len(rows)), recipe)
     seconds = time.perf_counter() - t0
     dest = Path("covfast/weights") if ship else out
+    backbone = _cache_backbone(out)
+    weights_arg = ""
+    if backbone.get("weights") and Path(backbone["weights"]).resolve().parent != WEIGHTS_DIR.resolve():
+        weights_arg = f" --weights {Path(backbone['weights']).parent}"
     sha = save_model(model, dest / f"{MODEL_NAME}.safetensors", MODEL_NAME, recipe["model"])
     lopo_path = out / "lopo.json"
     card = {
@@ -291,10 +309,11 @@ def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
         "input": "RoI features of the shipped infnet backbone (stage 2 + infection probability, 65 x 28 x 28, "
         "beta RoIs per slice); see covfast/pipeline/diagnosis.py",
         "classes": list(CLASSES),
-        "backbone": {"name": SINGLE_CLASS, "sha256": _infnet("cpu").card["sha256"]},
+        "backbone": {key: value for key, value in backbone.items() if key in ("name", "sha256")},
         "data": {src: sum(r["source"] == src for r in rows) for src in sorted({r["source"] for r in rows})},
         "recipe": recipe,
-        "command": f"python -m training.affinity cache --data ../shared/data --out {out} && python -m training.affinity "
+        "command": f"python -m training.affinity cache --data ../shared/data --out {out}{weights_arg} && "
+        "python -m training.affinity "
         f"lopo --recipe {recipe_path} --out {out} && python -m training.affinity final --recipe "
         f"{recipe_path} --out {out} --ship",
         "training": {"device": "cpu", "seconds": seconds},
@@ -316,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="training/recipes/affinity.json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ship", action="store_true", help="final: write into covfast/weights")
+    parser.add_argument("--weights", help="cache: folder of the Inf-Net to take features from (default: installed)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.command == "cache":
-        cache(Path(args.data), out, args.device)
+        cache(Path(args.data), out, args.device, weights_dir=args.weights)
         return 0
     recipe = json.loads(Path(args.recipe).read_text())
     if args.command == "lopo":
