@@ -59,7 +59,7 @@ def infer(
         precision: network precision: None (fp32, or the cached TensorRT engine's), ``fp32``, or ``bf16`` / ``fp16``
             (torch autocast; onnxruntime runs fp32 only, so ``auto`` then takes torch).
         tta: test-time augmentation of the infection networks: None (the default,
-            :data:`covfast.pipeline.infection.DEFAULT_TTA`), ``none``, ``h`` (also the horizontally flipped slice) or
+            :data:`covfast.pipeline.infection.DEFAULT_TTA`, ``h``), ``none``, ``h`` (also the horizontally flipped slice) or
             ``hv`` (also the vertically flipped one); the probabilities are averaged.
 
     Returns:

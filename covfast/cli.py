@@ -19,7 +19,7 @@ ENGINE_CHOICES = ("auto", "torch", "onnx", "tensorrt")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")  # covfast.engine.runtime.PRECISIONS
 TTA_CHOICES = ("none", "h", "hv")  # covfast.pipeline.infection.TTA_CHOICES
 TTA_HELP = ("test-time augmentation of the infection networks: also run each slice flipped horizontally (h) or "
-            "horizontally and vertically (hv) and average (default: none)")
+            "horizontally and vertically (hv) and average (default: h)")
 
 INFER_EXAMPLE = """example:
   covfast infer scan.nii.gz -o out/          # writes out/scan/{report.json,lung_mask.nii.gz,infection_mask.nii.gz,preview.png}

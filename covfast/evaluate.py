@@ -175,7 +175,8 @@ def summarize(per_image: list[dict]) -> dict:
     Returns:
         ``{metric: {"mean", "ci95": [lo, hi], "n"}}`` for every metric of :data:`METRICS` and ``dice_present``.
     """
-    summary = {key: _interval([m[key] for m in per_image]) for key in METRICS}
+    # .get: records scored before a metric existed (older fold files) leave it out instead of failing.
+    summary = {key: _interval([m.get(key) for m in per_image]) for key in METRICS}
     summary["dice_present"] = _interval([m["dice"] for m in per_image if m["present"]])
     return summary
 

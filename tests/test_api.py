@@ -70,7 +70,7 @@ def _fake_segmentation(chest, monkeypatch):
     prob = np.where(mask > 0, 0.9, 0.1).astype(np.float32)
 
     def segment(hu, lung, spacing_mm, **kwargs):
-        lung_voxels, infected_voxels, soft = _reduce(lung, mask, 0.5)
+        lung_voxels, infected_voxels, _ = _reduce(lung, mask, 0.5)
         counts = infection.InfectionCounts(lung_voxels, infected_voxels, _reduce(lung, prob, 0.5)[2])
         return infection.InfectionResult(prob.copy(), mask.copy(), [], {}, {}, {}, mask.copy(), counts, {})
 

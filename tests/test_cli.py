@@ -173,7 +173,7 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
     assert infected["total"] > 1.0  # P001 is a COVID-19 case with visible lesions
     assert report["severity"]["ct_class"] in {"CT1", "CT2", "CT3", "CT4"}
     assert report["diagnosis"]["label"] in {"covid", "pneumonia", "normal"}
-    assert report["infection_source"]["tta"] == "none"
+    assert report["infection_source"]["tta"] == "h"  # the default test-time augmentation
     assert sum(report["diagnosis"]["probs"].values()) == pytest.approx(1.0, abs=1e-3)
     assert "held-out volumes" in report["diagnosis"]["validation"]
     assert report["lesions"]["count"] == len(report["lesions"]["volumes_ml"]) > 0

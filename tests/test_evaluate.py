@@ -166,3 +166,11 @@ def test_evaluate_slices_rejects_missing_folder(tmp_path):
 
     with pytest.raises(InputError, match="not a folder"):
         evaluate_slices(tmp_path / "nope", tmp_path)
+
+
+def test_summarize_leaves_out_metrics_older_records_lack():
+    old = {"dice": 0.5, "dice_mean256": 0.4, "iou": 0.3, "sensitivity": 0.6, "specificity": 0.9, "mae": 0.1}
+    new = {**old, "dice": 0.7, "s_measure": 0.8, "e_measure": 0.85}
+    summary = summarize([{**old, "present": True}, {**new, "present": True}])
+    assert summary["dice"]["mean"] == pytest.approx(0.6) and summary["dice"]["n"] == 2
+    assert summary["s_measure"]["mean"] == pytest.approx(0.8) and summary["s_measure"]["n"] == 1

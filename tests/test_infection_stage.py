@@ -300,7 +300,7 @@ def test_diagnosis_sees_the_probability_its_head_was_trained_on(sample_slab):
     from covfast.pipeline.infection import SINGLE_CLASS, load_models
 
     hu, lung = sample_slab
-    seg = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="torch", multiclass=False)
+    seg = segment_infection(hu, lung, (2.0, 0.7, 0.7), engine="torch", multiclass=False, tta="none")
     assert sorted(seg.view_prob) == [z for z, _ in lung_slices(lung)]
     result = diagnosis.diagnose(hu, lung, seg.prob * (lung > 0), (2.0, 0.7, 0.7), view_prob=seg.view_prob)
     infnet = load_models("cpu", multiclass=False)[SINGLE_CLASS]
@@ -397,8 +397,8 @@ def test_tta_on_the_shipped_model_is_the_mean_of_flipped_predictions(sample_slab
     z, crop = lung_slices(lung)[2]
     view = slice_view(hu, z, crop)[None]
     models = load_models("cpu", multiclass=False)
-    plain = predict_slices(models, view)[0]
-    flipped = predict_slices(models, np.ascontiguousarray(view[:, :, ::-1]))[0][:, :, ::-1]
+    plain = predict_slices(models, view, tta="none")[0]
+    flipped = predict_slices(models, np.ascontiguousarray(view[:, :, ::-1]), tta="none")[0][:, :, ::-1]
     both = predict_slices(models, view, tta="h")[0]
     np.testing.assert_allclose(both, (plain + flipped) / 2, atol=1e-5)
     assert np.abs(both - plain).max() > 1e-3

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--areas", default="20,100,500", help="comma-separated flag areas in mm^2 also scored")
     check.add_argument("--hu-gates", default="", help="comma-separated HU thresholds applied afterwards and scored")
-    check.add_argument("--tta", default="none", help="test-time augmentation of the networks: none, h or hv")
+    check.add_argument("--tta", default=None, help="test-time augmentation: none, h or hv (default: infer's)")
     check.add_argument(
         "--min-component-ml", type=float, default=None, help="drop smaller infection components (default: infer's)"
     )

@@ -89,7 +89,7 @@ def check_volumes(
     weights_dir: str | Path | None = None,
     areas_mm2: tuple[float, ...] = (20.0, 100.0, 500.0),
     hu_gates: tuple[float, ...] = (),
-    tta: str = "none",
+    tta: str | None = None,
     min_component_ml: float | None = None,
 ) -> dict:
     """Per case: slice sensitivity / specificity of the infected-slice flags, and the mean of the mapped input.
@@ -102,7 +102,8 @@ def check_volumes(
         areas_mm2: further flag areas scored into ``slice_flags``.
         hu_gates: HU thresholds of :func:`covfast.pipeline.infection.gate_aerated` applied to the model's output
             afterwards, each scored into ``slice_flags_hu_gate[gate]``.
-        tta: test-time augmentation of the infection networks (:data:`covfast.pipeline.infection.TTA_CHOICES`).
+        tta: test-time augmentation of the infection networks (:data:`covfast.pipeline.infection.TTA_CHOICES`; None:
+            the pipeline's default, as ``covfast infer``).
         min_component_ml: drop infection components under this volume as ``covfast infer`` does (None: its
             default, ``SeverityRules.min_component_ml``; 0 keeps everything).
 
@@ -111,6 +112,7 @@ def check_volumes(
     """
     from covfast.io import load_volume
     from covfast.pipeline.infection import (
+        DEFAULT_TTA,
         WEIGHTS_DIR,
         drop_small_components,
         gate_aerated,
@@ -124,6 +126,7 @@ def check_volumes(
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = json.loads((data / "labels.json").read_text())
+    tta = DEFAULT_TTA if tta is None else tta
     min_ml = DEFAULT_RULES.min_component_ml if min_component_ml is None else min_component_ml
     summary = {}
     for case, info in labels.items():
