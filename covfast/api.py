@@ -106,8 +106,7 @@ def _check_engine(engine: str, precision: str | None, tta: str | None = None) ->
 
     check_engine(engine)
     check_precision(precision)
-    if tta is not None:
-        check_tta(tta)
+    check_tta(tta)
 
 
 def _timed_load(path_or_array, spacing=None, series: str | None = None) -> tuple:

@@ -264,7 +264,7 @@ def evaluate_slices(
         "consolidation". Each ``per_image`` entry names the image and carries its metrics.
     """
     from covfast.errors import ModelNotInstalledError, UsageError
-    from covfast.pipeline.infection import DEFAULT_TTA, MULTI_CLASS, WEIGHTS_DIR, check_tta, load_models, predict_slices
+    from covfast.pipeline.infection import MULTI_CLASS, WEIGHTS_DIR, check_tta, load_models, predict_slices
 
     weights_dir = WEIGHTS_DIR if weights_dir is None else weights_dir
     if task == "instances":
@@ -273,7 +273,7 @@ def evaluate_slices(
         return evaluate_instances(images_dir, masks_dir, json_path, device, weights_dir, tta)
     if task not in ("infection", "multiclass"):
         raise UsageError(f"unknown task {task!r}; use infection, multiclass or instances")
-    tta = check_tta(DEFAULT_TTA if tta is None else tta)
+    tta = check_tta(tta)
     pairs = _pairs(Path(images_dir), Path(masks_dir))
     models = load_models(device, multiclass=task == "multiclass", weights_dir=weights_dir)
     if task == "multiclass" and MULTI_CLASS not in models:

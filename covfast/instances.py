@@ -146,9 +146,9 @@ def evaluate_instances(
     """
     from covfast.errors import UsageError
     from covfast.evaluate import _interval, _pairs, _read_gray, _read_labels
-    from covfast.pipeline.infection import DEFAULT_TTA, WEIGHTS_DIR, check_tta, load_models, predict_slices
+    from covfast.pipeline.infection import WEIGHTS_DIR, check_tta, load_models, predict_slices
 
-    tta = check_tta(DEFAULT_TTA if tta is None else tta)
+    tta = check_tta(tta)
     pairs = _pairs(Path(images_dir), Path(masks_dir))
     models = load_models(device, multiclass=False, weights_dir=WEIGHTS_DIR if weights_dir is None else weights_dir)
     per_image = []

@@ -413,6 +413,7 @@ def test_unknown_tta_is_a_usage_error(capsys):
 
     with pytest.raises(UsageError, match="unknown test-time augmentation"):
         check_tta("rot90")
+    assert check_tta(None) == "h" and check_tta("none") == "none"  # None: the pipeline's default
     with pytest.raises(SystemExit) as info:
         main(["infer", "x.nii.gz", "--tta", "rot90"])
     assert info.value.code == 2 and "--tta" in capsys.readouterr().err

@@ -112,8 +112,8 @@ def check_volumes(
     """
     from covfast.io import load_volume
     from covfast.pipeline.infection import (
-        DEFAULT_TTA,
         WEIGHTS_DIR,
+        check_tta,
         drop_small_components,
         gate_aerated,
         lung_crop,
@@ -126,7 +126,7 @@ def check_volumes(
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     labels = json.loads((data / "labels.json").read_text())
-    tta = DEFAULT_TTA if tta is None else tta
+    tta = check_tta(tta)
     min_ml = DEFAULT_RULES.min_component_ml if min_component_ml is None else min_component_ml
     summary = {}
     for case, info in labels.items():

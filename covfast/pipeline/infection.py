@@ -261,27 +261,25 @@ def _runners(engines: list, tta: str = "none") -> list[Callable]:
         return runners
     single, *others = runners
 
-    def averaged(run: Callable) -> Callable:
-        def call(x: torch.Tensor) -> torch.Tensor:
-            total = run(x)
-            for dims in flips:
-                total = total + run(x.flip(dims)).flip(dims)
-            return total / (len(flips) + 1)
-
-        return call
+    def flip_mean(run: Callable, x: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        # ``plain`` = run(x); the flipped passes are flipped back before averaging.
+        return (plain + sum(run(x.flip(dims)).flip(dims) for dims in flips)) / (len(flips) + 1)
 
     def averaged_single(x: torch.Tensor):
         # The diagnosis stage pools its RoIs from the unflipped pass's features.
         prob, features = single(x)
-        for dims in flips:
-            prob = prob + single(x.flip(dims))[0].flip(dims)
-        return prob / (len(flips) + 1), features
+        return flip_mean(lambda t: single(t)[0], x, prob), features
+
+    def averaged(run: Callable) -> Callable:
+        return lambda x: flip_mean(run, x, run(x))
 
     return [averaged_single, *(averaged(run) for run in others)]
 
 
-def check_tta(tta: str) -> str:
-    """``tta`` if it is one of :data:`TTA_CHOICES`, else a UsageError naming them."""
+def check_tta(tta: str | None) -> str:
+    """``tta`` (None: :data:`DEFAULT_TTA`) if it is one of :data:`TTA_CHOICES`, else a UsageError naming them."""
+    if tta is None:
+        return DEFAULT_TTA
     if tta not in _TTA_FLIPS:
         raise UsageError(f"unknown test-time augmentation {tta!r}; use one of {', '.join(TTA_CHOICES)}")
     return tta

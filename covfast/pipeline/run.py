@@ -223,9 +223,9 @@ def analyze(
             infection_source = {"kind": "mask", "path": infection_mask_source}
         else:
             try:
-                from covfast.pipeline.infection import DEFAULT_TTA, drop_small_components, segment_infection
+                from covfast.pipeline.infection import check_tta, drop_small_components, segment_infection
 
-                tta = DEFAULT_TTA if tta is None else tta
+                tta = check_tta(tta)
 
                 # The written masks keep only in-lung findings (segment_infection zeroes the rest) and the counts come
                 # from the device that made them.

@@ -24,8 +24,8 @@ Rules (documented in the README and recorded in ``report.json``):
   diameter: smaller specks are mostly vessel partial-volume and boundary noise rather than lesions).
 * **Small components** (network segmentations only, not a mask passed with ``--infection-mask``): 3D
   26-connected infection components under ``min_component_ml`` (default 0.2 mL, a sphere of 7 mm diameter) are
-  removed from the masks and the probability map before anything is counted. On the three COVID-CT-MD volumes this
-  raised the slice specificity of the normal case from 0.68 to 0.80 (slices with >= 20 mm^2 flagged) and the CAP
+  removed from the masks and the probability map before anything is counted. On the three COVID-CT-MD volumes (with
+  the earlier v2 Inf-Net) this raised the slice specificity of the normal case from 0.68 to 0.80 (slices with >= 20 mm^2 flagged) and the CAP
   case's from 0.26 to 0.32 for 0.03 of the COVID case's slice sensitivity (training/RESULTS.md).
 """
 
