@@ -177,3 +177,125 @@ def test_final_card_names_the_backbone_that_made_the_cache(tmp_path):
     assert card["backbone"] == {"name": "infnet", "sha256": "ab" * 32}
     assert f"--weights {candidate}" in card["command"]
     assert card["data"] == {"toy": 6} and (out / "affinity.safetensors").exists()
+
+
+# --- classification branch with its own feature stages (recipes with "joint") ---
+
+OWN = {**TINY, "in_ch": 9, "features": [4, 8]}
+
+
+def test_own_feature_stages_copy_from_a_backbone_and_preprocess():
+    from covfast.nn.backbone import ResNetBackbone
+
+    torch.manual_seed(3)
+    backbone = ResNetBackbone(1, (4, 8, 16, 16)).eval()
+    head = AffinityHead(**OWN).eval()
+    head.copy_features(backbone)
+    x = torch.randn(2, 1, 64, 64)
+    stages = head.features
+    torch.testing.assert_close(stages.stages[1](stages.stages[0](stages.stem(x))), backbone(x)[2])
+    # covfast preprocessing passes the standardised view through; paper standardises HU by the global statistics.
+    assert head.feature_input(x, None) is x
+    paper = AffinityHead(**{**OWN, "preprocess": "paper", "input_mean": -500.0, "input_std": 250.0})
+    hu = torch.full((1, 1, 8, 8), -250.0)
+    torch.testing.assert_close(paper.feature_input(x, hu), torch.ones(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="HU view"):
+        AffinityHead(**{**OWN, "preprocess": "paper"}).feature_input(x, hu)
+    with pytest.raises(ValueError, match="own feature stages"):
+        AffinityHead(**{**TINY, "preprocess": "paper"})
+    with pytest.raises(ValueError, match="preprocess"):
+        AffinityHead(**{**OWN, "preprocess": "imagenet"})
+    with pytest.raises(ValueError, match="no feature stages"):
+        AffinityHead(**TINY).copy_features(backbone)
+
+
+def test_own_feature_stages_save_load_round_trip(tmp_path):
+    torch.manual_seed(4)
+    config = {**OWN, "preprocess": "paper", "input_mean": -400.0, "input_std": 300.0}
+    head = AffinityHead(**config).eval()
+    save_model(head, tmp_path / "h.safetensors", "affinity", config)
+    loaded = load_head(tmp_path / "h.safetensors")
+    assert (loaded.preprocess, loaded.input_mean, loaded.input_std) == ("paper", -400.0, 300.0)
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value)
+
+
+def _toy_infnet():
+    from types import SimpleNamespace
+
+    from covfast.nn import build_model
+
+    torch.manual_seed(5)
+    model = build_model("infnet", in_ch=1, widths=[8, 8, 16, 16], ch=8, ra_ch=8).eval()
+    return SimpleNamespace(model=model)
+
+
+def test_joint_branch_with_copied_stages_sees_the_cached_features():
+    """With the segmentation weights just copied in, the classification branch (views -> own stages -> RoIs) pools
+    the RoI features cached from the Inf-Net's backbone: one input, two paths."""
+    from covfast.pipeline.diagnosis import RoiFeatures
+    from training.affinity import _roi_batch, _unwindow, joint_rois, predict_joint
+
+    infnet = _toy_infnet()
+    rng = np.random.default_rng(0)
+    views = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(3)]
+    batch = _roi_batch(infnet, RoiFeatures(infnet.model.backbone), views, _unwindow(views))
+    assert batch["x"].shape == batch["hu"].shape == batch["prob"].shape == (3, 256, 256)
+    assert batch["boxes"].shape == (3, 8, 4) and len(batch["lesions"]) == 3
+    cached = torch.from_numpy(batch["feats"].astype(np.float32))
+    head = AffinityHead(**{**TINY, "in_ch": 9, "features": [8, 8]}).eval()
+    with torch.no_grad():
+        before = joint_rois(head, batch, np.arange(3))
+        head.copy_features(infnet.model.backbone)
+        after = joint_rois(head, batch, np.arange(3))
+    assert after.shape == cached.shape
+    # x, prob and the cached features are stored as float16: agreement to float16 rounding, not before the copy.
+    scale = float(cached.abs().max())
+    assert float((after - cached).abs().max()) < 2e-3 * scale < float((before - cached).abs().max())
+    probs = predict_joint(head, batch, np.array([2, 0]))
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    # HU of an 8-bit lung-window view: 0 -> the window's floor, 255 -> its ceiling.
+    hu = _unwindow([np.array([[0, 255]], np.uint8).repeat(2, 0)])
+    assert hu.min() == pytest.approx(-1000.0) and hu.max() == pytest.approx(200.0)
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "affinity.safetensors").exists(), reason="affinity weights not installed")
+@pytest.mark.parametrize("preprocess", ["covfast", "paper"])
+def test_diagnose_with_a_head_that_owns_its_feature_stages(tmp_path, preprocess):
+    """The shipped head given feature stages copied from the shipped Inf-Net's backbone must diagnose as the shipped
+    head does (covfast preprocessing); with paper preprocessing the same code path reads the HU views."""
+    import shutil
+
+    from covfast.io import load_volume, sample_path
+    from covfast.nn import sha256_file
+    from covfast.pipeline.diagnosis import diagnose, load_affinity
+    from covfast.pipeline.infection import SINGLE_CLASS, load_models
+    from covfast.pipeline.lung import lung_mask
+
+    shipped, card = load_affinity()
+    config = {**card["architecture"]["config"], "features": [32, 64], "preprocess": preprocess}
+    if preprocess == "paper":
+        config.update(input_mean=-600.0, input_std=450.0)
+    head = AffinityHead(**config).eval()
+    head.load_state_dict({**head.state_dict(), **shipped.state_dict()})
+    head.copy_features(load_models("cpu", multiclass=False)[SINGLE_CLASS].model.backbone)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(WEIGHTS_DIR / f"infnet{suffix}", tmp_path)
+    save_model(head, tmp_path / "affinity.safetensors", "affinity", config)
+    (tmp_path / "affinity.json").write_text(
+        json.dumps({**card, "sha256": sha256_file(tmp_path / "affinity.safetensors")})
+    )
+
+    volume = load_volume(sample_path())
+    hu, lung = volume.hu[30:36], lung_mask(volume.hu, volume.spacing_mm)[30:36]
+    prob = np.zeros(hu.shape, np.float32)
+    prob[:, 100:120, 60:80] = 0.9
+    prob *= lung > 0
+    mine = diagnose(hu, lung, prob, volume.spacing_mm, weights_dir=tmp_path)
+    table = np.array([list(s["class_probs"].values()) for s in mine["slices"]])
+    np.testing.assert_allclose(table.sum(axis=1), 1.0)
+    if preprocess == "covfast":
+        ref = diagnose(hu, lung, prob, volume.spacing_mm)
+        expected = np.array([list(s["class_probs"].values()) for s in ref["slices"]])
+        np.testing.assert_allclose(table, expected, atol=1e-4)

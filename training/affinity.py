@@ -11,9 +11,17 @@ Classes and sources (``../shared/data``):
 CC-CCII PNGs are mapped back to approximate HU by inverting a [-1200, 0] HU window (air ~40, soft tissue
 saturated, as the images look) so the same lung mask, lung window and crop apply.
 
-The segmentation stage is the shipped Inf-Net, frozen: the paper alternates segmentation and classification
-training and copies the segmentation weights into the classification branch; here the branch shares the
-backbone by reference, so the copy is exact and only the head trains (a CPU budget of minutes).
+Two ways to train the classification branch:
+    head only (``training/recipes/affinity.json``, the shipped head): the segmentation stage is the shipped Inf-Net,
+        frozen, and the branch shares its backbone by reference, so the weight copy is exact and only the head trains
+        on cached RoI features (a CPU budget of minutes; inference reuses the infection stage's features);
+    alternating with the weight copy (recipes with a ``"joint"`` block, ``affinity_joint.json``): the head owns a copy
+        of the backbone's first stages; each round trains a copy of the Inf-Net on the labelled slices (segmentation
+        stage), copies its stem and first two stages into the head, then trains head and stages with the
+        classification loss on the cached views (classification stage), as the paper alternates its branches.
+        ``"preprocess": "paper"`` in the model block feeds those stages the paper's input (raw HU standardised by
+        one global mean / std, no lung window) instead of covfast's. RoIs and the probability channel stay the
+        shipped Inf-Net's. Costs one extra pass of the first stages per slice at inference.
 
 Validation is leave-one-patient-out over the three COVID-CT-MD patients (one per class): each fold trains on every
 other source, so the held-out patient's class is still learned from another patient (P001 -> the MedSeg slices;
@@ -23,11 +31,14 @@ Usage (from the repository root):
     python -m training.affinity cache --data ../shared/data --out runs/affinity
     python -m training.affinity lopo --recipe training/recipes/affinity.json --out runs/affinity
     python -m training.affinity final --recipe training/recipes/affinity.json --out runs/affinity --ship
+    # alternating training (the same cache holds the views it trains on):
+    python -m training.affinity lopo --recipe training/recipes/affinity_joint.json --out runs/affinity
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import json
 import time
@@ -37,8 +48,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covfast.nn.affinity import CLASSES, AffinityHead
-from covfast.pipeline.diagnosis import MODEL_NAME, RoiFeatures, aggregate, class_probs, slice_view
+from covfast.nn.affinity import CLASSES, AffinityHead, pool_rois
+from covfast.pipeline.diagnosis import (
+    FEATURE_STRIDE,
+    MODEL_NAME,
+    RoiFeatures,
+    aggregate,
+    class_probs,
+    feature_maps,
+    hu_view,
+    slice_view,
+)
 
 CT_MD_CASES = {"P001": "covid", "cap001": "pneumonia", "normal001": "normal"}
 CCCCII_SCANS = ("3131", "3132", "3133")
@@ -65,18 +85,50 @@ def _cache_backbone(out: Path) -> dict:
 
 
 @torch.no_grad()
-def _roi_batch(infnet, extractor: RoiFeatures, views: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
-    """8-bit views -> (RoI features [N, beta, 65, 28, 28] float16, lesion counts), Inf-Net probability on the view."""
+def _roi_batch(infnet, extractor: RoiFeatures, views: list[np.ndarray], hu_views: torch.Tensor) -> dict:
+    """8-bit views (and their HU on the network grid) -> RoI features [N, beta, 65, 28, 28] float16 (``feats``), lesion
+    counts, and what the classification branch trains on: the standardised view ``x``, its HU ``hu``, the Inf-Net's
+    probability ``prob`` (float16 [N, S, S]) and the chosen RoI ``boxes`` (float32 [N, beta, 4])."""
     from covfast.nn.preprocess import to_input
 
     x = torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views])
     prob = torch.sigmoid(infnet.model(x).prediction.float())
-    rois, counts = extractor(x, prob)
-    return rois.half().numpy(), counts
+    boxes, counts = extractor.select(prob)
+    rois, _ = extractor(x, prob)
+    return {
+        "feats": rois.half().numpy(),
+        "lesions": counts,
+        "x": x[:, 0].half().numpy(),
+        "hu": hu_views[:, 0].half().numpy(),
+        "prob": prob[:, 0].half().numpy(),
+        "boxes": np.asarray(boxes, dtype=np.float32),
+    }
 
 
-def _volume_views(hu: np.ndarray, lung: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    return [(z, found[0]) for z in range(hu.shape[0]) if (found := slice_view(hu[z], lung[z])) is not None]
+def _volume_views(hu: np.ndarray, lung: np.ndarray) -> list[tuple[int, np.ndarray, torch.Tensor]]:
+    """(slice index, 8-bit view, HU view on the network grid) of every lung slice."""
+    from covfast.nn.preprocess import INPUT_SIZE
+
+    return [
+        (z, found[0], hu_view(hu[z], found[1], INPUT_SIZE))
+        for z in range(hu.shape[0])
+        if (found := slice_view(hu[z], lung[z])) is not None
+    ]
+
+
+def _unwindow(views: list[np.ndarray]) -> torch.Tensor:
+    """Approximate HU of 8-bit lung-window views (the labelled slices have no HU): the window's inverse, resized."""
+    from covfast.nn.preprocess import INPUT_SIZE
+    from covfast.pipeline.infection import HU_WINDOW
+
+    lo, hi = HU_WINDOW
+    out = []
+    for v in views:
+        hu = torch.from_numpy(lo + v.astype(np.float32) * (hi - lo) / 255.0)[None, None]
+        out.append(
+            F.interpolate(hu, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False, antialias=True)
+        )
+    return torch.cat(out)
 
 
 def _ct_md_labels(info: dict, z_mm: np.ndarray) -> np.ndarray:
@@ -102,13 +154,18 @@ def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_d
     backbone = {"name": infnet.card["name"], "sha256": infnet.card["sha256"], "weights": str(infnet.card["file"])}
     (out / "cache_backbone.json").write_text(json.dumps(backbone, indent=2) + "\n")
 
-    def store(name: str, views: list[np.ndarray], meta: dict) -> list[int]:
-        feats, counts = [], []
-        for start in range(0, len(views), batch):
-            f, c = _roi_batch(infnet, extractor, views[start : start + batch])
-            feats.append(f)
-            counts += c
-        np.save(out / "cache" / f"{name}.npy", np.concatenate(feats))
+    (out / "views").mkdir(exist_ok=True)
+
+    def store(name: str, views: list[np.ndarray], hu_views: torch.Tensor, meta: dict) -> list[int]:
+        parts = [
+            _roi_batch(infnet, extractor, views[start : start + batch], hu_views[start : start + batch])
+            for start in range(0, len(views), batch)
+        ]
+        joined = {key: np.concatenate([part[key] for part in parts]) for key in ("feats", "x", "hu", "prob", "boxes")}
+        counts = [n for part in parts for n in part["lesions"]]
+        np.save(out / "cache" / f"{name}.npy", joined.pop("feats"))
+        # The classification branch's training inputs (views, probability, RoIs), for recipes with "joint".
+        np.savez(out / "views" / f"{name}.npz", **joined)
         (out / "cache" / f"{name}.json").write_text(json.dumps({**meta, "lesions": counts}))
         print(f"{name}: {len(views)} slices", flush=True)
         return counts
@@ -119,6 +176,7 @@ def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_d
     store(
         "infnet",
         views,
+        _unwindow(views),
         {
             "patient": "medseg",
             "cls": ["covid"] * len(views),
@@ -132,17 +190,18 @@ def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_d
         lung = lung_mask(volume.hu, volume.spacing_mm)
         infected = _ct_md_labels(labels[case], np.asarray(volume.z_mm))
         work = _volume_views(volume.hu, lung)
-        slice_cls = [cls if infected[z] or cls == "normal" else "normal" for z, _ in work]
-        scored = [bool(infected[z]) or cls == "normal" for z, _ in work]
+        slice_cls = [cls if infected[z] or cls == "normal" else "normal" for z, _, _ in work]
+        scored = [bool(infected[z]) or cls == "normal" for z, _, _ in work]
         store(
             case,
-            [v for _, v in work],
+            [v for _, v, _ in work],
+            torch.cat([h for _, _, h in work]),
             {
                 "patient": case,
                 "cls": slice_cls,
                 "scored": scored,
-                "infected": [bool(infected[z]) for z, _ in work],
-                "slice": [int(z) for z, _ in work],
+                "infected": [bool(infected[z]) for z, _, _ in work],
+                "slice": [int(z) for z, _, _ in work],
             },
         )
     lo, hi = CCCCII_WINDOW_HU
@@ -153,43 +212,71 @@ def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_d
         work = _volume_views(hu, lung_mask(hu, CCCCII_SPACING_MM))
         store(
             f"ccccii_{scan}",
-            [v for _, v in work],
+            [v for _, v, _ in work],
+            torch.cat([h for _, _, h in work]),
             {
                 "patient": "ccccii",
                 "cls": ["pneumonia"] * len(work),
                 "scored": [False] * len(work),
-                "slice": [int(z) for z, _ in work],
+                "slice": [int(z) for z, _, _ in work],
             },
         )
 
 
-def load_cache(out: Path) -> tuple[np.ndarray, list[dict]]:
-    """All cached slices: (features [N, beta, 65, 28, 28] float16 memmap-backed array, per-slice records).
-
-    CC-CCII slices without a lesion instance are dropped (their class is unknown).
-    """
-    feats, rows = [], []
+def _sources(out: Path):
+    """Per cached source: (metadata path, indices of the slices kept, their records). CC-CCII slices without a lesion
+    instance are dropped (their class is unknown)."""
     for meta_path in sorted((out / "cache").glob("*.json")):
         meta = json.loads(meta_path.read_text())
-        f = np.load(meta_path.with_suffix(".npy"), mmap_mode="r")
         keep = [i for i in range(len(meta["cls"])) if meta["patient"] != "ccccii" or meta["lesions"][i] > 0]
-        feats.append(np.asarray(f[keep]))
-        for i in keep:
-            rows.append(
-                {
-                    "source": meta_path.stem,
-                    "patient": meta["patient"],
-                    "cls": meta["cls"][i],
-                    "scored": meta["scored"][i],
-                    "infected": meta.get("infected", [None] * len(meta["cls"]))[i],
-                    "slice": meta["slice"][i],
-                }
-            )
+        rows = [
+            {
+                "source": meta_path.stem,
+                "patient": meta["patient"],
+                "cls": meta["cls"][i],
+                "scored": meta["scored"][i],
+                "infected": meta.get("infected", [None] * len(meta["cls"]))[i],
+                "slice": meta["slice"][i],
+            }
+            for i in keep
+        ]
+        yield meta_path, keep, rows
+
+
+def load_cache(out: Path) -> tuple[np.ndarray, list[dict]]:
+    """All cached slices: (features [N, beta, 65, 28, 28] float16 memmap-backed array, per-slice records)."""
+    feats, rows = [], []
+    for meta_path, keep, source_rows in _sources(out):
+        feats.append(np.asarray(np.load(meta_path.with_suffix(".npy"), mmap_mode="r")[keep]))
+        rows += source_rows
     return np.concatenate(feats), rows
+
+
+def load_views(out: Path) -> tuple[dict, list[dict]]:
+    """The classification branch's inputs of the cached slices, row for row as :func:`load_cache`: ``{"x", "hu",
+    "prob": float16 [N, S, S], "boxes": float32 [N, beta, 4]}`` and the per-slice records."""
+    parts: dict[str, list] = {key: [] for key in ("x", "hu", "prob", "boxes")}
+    rows = []
+    for meta_path, keep, source_rows in _sources(out):
+        path = out / "views" / f"{meta_path.stem}.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no cached views; rerun python -m training.affinity cache")
+        with np.load(path) as arrays:
+            for key, values in parts.items():
+                values.append(arrays[key][keep])
+        rows += source_rows
+    return {key: np.concatenate(value) for key, value in parts.items()}, rows
 
 
 def _head(recipe: dict) -> AffinityHead:
     return AffinityHead(**recipe["model"])
+
+
+def _balanced(rows: list[dict], index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices of the slices ``index`` and sampling weights that draw the three classes equally often."""
+    targets = np.array([CLASSES.index(rows[i]["cls"]) for i in index])
+    weights = 1.0 / np.bincount(targets, minlength=3)[targets]
+    return targets, weights / weights.sum()
 
 
 def train(feats: np.ndarray, rows: list[dict], index: np.ndarray, recipe: dict, log=print) -> AffinityHead:
@@ -199,9 +286,7 @@ def train(feats: np.ndarray, rows: list[dict], index: np.ndarray, recipe: dict, 
     rng = np.random.default_rng(recipe["seed"])
     model = _head(recipe)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
-    targets = np.array([CLASSES.index(rows[i]["cls"]) for i in index])
-    weights = 1.0 / np.bincount(targets, minlength=3)[targets]
-    weights /= weights.sum()
+    targets, weights = _balanced(rows, index)
     steps = opt_cfg["steps"]
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=opt_cfg["lr"], total_steps=steps)
     model.train()
@@ -229,6 +314,113 @@ def predict(model: AffinityHead, feats: np.ndarray, index: np.ndarray, batch: in
     return np.concatenate(out) if out else np.zeros((0, 3))
 
 
+def joint_rois(head: AffinityHead, views: dict, pick: np.ndarray) -> torch.Tensor:
+    """Pooled RoI features [len(pick), beta, 65, 28, 28] of the classification branch (the head with its own feature
+    stages) on the cached slices ``pick``: features of the view, the Inf-Net's probability as the 65th channel, the
+    cached RoIs."""
+    x = torch.from_numpy(views["x"][pick].astype(np.float32))[:, None]
+    hu = torch.from_numpy(views["hu"][pick].astype(np.float32))[:, None] if head.preprocess == "paper" else None
+    prob = torch.from_numpy(views["prob"][pick].astype(np.float32))[:, None]
+    stages = head.features
+    feats = stages.stages[1](stages.stages[0](stages.stem(head.feature_input(x, hu))))
+    rois = [[tuple(map(float, box)) for box in views["boxes"][i]] for i in pick]
+    return pool_rois(feature_maps(feats, prob), rois, 1.0 / FEATURE_STRIDE)
+
+
+def joint_logits(head: AffinityHead, views: dict, pick: np.ndarray) -> torch.Tensor:
+    """Logits of the classification branch on the cached slices ``pick`` (:func:`joint_rois`, then the head)."""
+    return head(joint_rois(head, views, pick))
+
+
+@torch.no_grad()
+def predict_joint(head: AffinityHead, views: dict, index: np.ndarray, batch: int = 32) -> np.ndarray:
+    """:func:`predict` for a head with its own feature stages, from the cached views."""
+    head.eval()
+    out = [class_probs(joint_logits(head, views, index[s : s + batch])) for s in range(0, len(index), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 3))
+
+
+def _hu_statistics(hu: np.ndarray, index: np.ndarray, chunk: int = 64) -> tuple[float, float]:
+    """Global mean and standard deviation of the HU views ``index`` (the paper's only preprocessing)."""
+    total = total_sq = count = 0.0
+    for s in range(0, len(index), chunk):
+        part = hu[index[s : s + chunk]].astype(np.float64)
+        total += part.sum()
+        total_sq += np.square(part).sum()
+        count += part.size
+    mean = total / count
+    return float(mean), float(np.sqrt(max(total_sq / count - mean * mean, 1e-12)))
+
+
+def train_joint(views: dict, rows: list[dict], index: np.ndarray, recipe: dict, out: Path, log=print) -> AffinityHead:
+    """Alternating training of the segmentation and classification branches with the weight copy (recipe "joint").
+
+    Each of ``rounds`` rounds: a segmentation stage (``seg_steps`` steps of the Inf-Net's own loss and augmentation on
+    the 50 labelled slices, starting from the Inf-Net that made the cache); the copy of its stem and first two stages
+    into the head's feature stages; a classification stage (``cls_steps`` steps of per-class BCE on class-balanced
+    batches of the slices ``index``, training the head and its feature stages). RoIs and the probability channel are
+    the cached ones of the shipped Inf-Net, as at inference. The segmentation branch is a training-time copy and is
+    not saved: the shipped Inf-Net stays the segmentation model.
+    """
+    from training.augment import AugmentConfig
+    from training.data import load_labelled
+    from training.loops import OptimConfig, train_segmentation
+
+    joint, opt_cfg = recipe["joint"], recipe["optim"]
+    torch.manual_seed(recipe["seed"])
+    rng = np.random.default_rng(recipe["seed"])
+    config = dict(recipe["model"])
+    if config.get("preprocess") == "paper":
+        config["input_mean"], config["input_std"] = _hu_statistics(views["hu"], index)
+        log(f"paper preprocessing: HU mean {config['input_mean']:.1f} std {config['input_std']:.1f}")
+    head = AffinityHead(**config)
+    backbone = _cache_backbone(out)
+    seg = _infnet("cpu", Path(backbone["weights"]).parent if backbone.get("weights") else None).model
+    seg = copy.deepcopy(seg)
+    labelled = load_labelled(Path(joint.get("data", "../shared/data/infnet-semiseg")), 256, "infection")
+    seg_opt = OptimConfig(
+        steps=joint["seg_steps"], batch=joint["seg_batch"], lr=joint["seg_lr"], warmup=1, ckpt_every=10**9
+    )
+    features = list(head.features.parameters())
+    others = [p for name, p in head.named_parameters() if not name.startswith("features.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": others, "lr": opt_cfg["lr"]}, {"params": features, "lr": joint["features_lr"]}],
+        weight_decay=opt_cfg["weight_decay"],
+    )
+    total = joint["rounds"] * joint["cls_steps"]
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[opt_cfg["lr"], joint["features_lr"]], total_steps=total
+    )
+    targets, weights = _balanced(rows, index)
+    for round_ in range(joint["rounds"]):
+        if joint["seg_steps"]:
+            seg_log = train_segmentation(
+                seg,
+                labelled.images,
+                labelled.targets,
+                "infection",
+                seg_opt,
+                AugmentConfig(),
+                torch.device("cpu"),
+                recipe["seed"] + round_,
+                log_every=joint["seg_steps"],
+            )
+            log(f"round {round_} segmentation stage {seg_log.seconds:.0f}s")
+        head.copy_features(seg.backbone)
+        head.train()
+        for step in range(joint["cls_steps"]):
+            pick = rng.choice(len(index), size=opt_cfg["batch"], p=weights)
+            y = F.one_hot(torch.from_numpy(targets[pick]), 3).float()
+            loss = F.binary_cross_entropy_with_logits(joint_logits(head, views, index[pick]), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if step % 25 == 0 or step == joint["cls_steps"] - 1:
+                log(f"round {round_} step {step} loss {loss.item():.4f}")
+    return head.eval()
+
+
 def slice_metrics(truth: list[str], probs: np.ndarray) -> dict:
     """3-class macro-F1, per-class F1 and COVID-positive sensitivity / specificity of scored slices."""
     pred = probs.argmax(axis=1)
@@ -250,16 +442,34 @@ def slice_metrics(truth: list[str], probs: np.ndarray) -> dict:
     }
 
 
+def _trainer(out: Path, recipe: dict):
+    """(fit(index, log) -> head, predict(head, index) -> probs, rows) for the recipe: a head on the cached features,
+    or with a ``"joint"`` block the classification branch with its own feature stages on the cached views."""
+    if "joint" in recipe:
+        views, rows = load_views(out)
+        return (
+            lambda index, log: train_joint(views, rows, index, recipe, out, log),
+            lambda head, index: predict_joint(head, views, index),
+            rows,
+        )
+    feats, rows = load_cache(out)
+    return (
+        lambda index, log: train(feats, rows, index, recipe, log),
+        lambda head, index: predict(head, feats, index),
+        rows,
+    )
+
+
 def lopo(out: Path, recipe: dict) -> dict:
     """Leave-one-patient-out over the COVID-CT-MD patients; pooled slice metrics and a diagnosis per volume."""
-    feats, rows = load_cache(out)
+    fit, infer, rows = _trainer(out, recipe)
     patients = np.array([r["patient"] for r in rows])
     scored_truth, scored_probs, volumes = [], [], {}
     for held in LOPO_PATIENTS:
         t0 = time.perf_counter()
-        model = train(feats, rows, np.flatnonzero(patients != held), recipe, log=lambda m, h=held: print(h, m))
+        model = fit(np.flatnonzero(patients != held), lambda m, h=held: print(h, m, flush=True))
         test = np.flatnonzero(patients == held)
-        probs = predict(model, feats, test)
+        probs = infer(model, test)
         scored = np.array([rows[i]["scored"] for i in test])
         scored_truth += [rows[i]["cls"] for i in test[scored]]
         scored_probs.append(probs[scored])
@@ -290,24 +500,33 @@ def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
     from covfast.nn import count_parameters, save_model
     from covfast.pipeline.infection import WEIGHTS_DIR
 
-    feats, rows = load_cache(out)
+    fit, _, rows = _trainer(out, recipe)
     t0 = time.perf_counter()
-    model = train(feats, rows, np.arange(len(rows)), recipe)
+    model = fit(np.arange(len(rows)), print)
     seconds = time.perf_counter() - t0
     dest = Path("covfast/weights") if ship else out
     backbone = _cache_backbone(out)
     weights_arg = ""
     if backbone.get("weights") and Path(backbone["weights"]).resolve().parent != WEIGHTS_DIR.resolve():
         weights_arg = f" --weights {Path(backbone['weights']).parent}"
-    sha = save_model(model, dest / f"{MODEL_NAME}.safetensors", MODEL_NAME, recipe["model"])
+    config = dict(recipe["model"])
+    if model.preprocess == "paper":
+        config.update(input_mean=model.input_mean, input_std=model.input_std)
+    sha = save_model(model, dest / f"{MODEL_NAME}.safetensors", MODEL_NAME, config)
     lopo_path = out / "lopo.json"
     card = {
         "name": MODEL_NAME,
         "task": "diagnosis",
-        "architecture": {"arch": MODEL_NAME, "config": recipe["model"]},
+        "architecture": {"arch": MODEL_NAME, "config": config},
         "params": count_parameters(model),
-        "input": "RoI features of the shipped infnet backbone (stage 2 + infection probability, 65 x 28 x 28, "
-        "beta RoIs per slice); see covfast/pipeline/diagnosis.py",
+        "input": (
+            "RoI features of the head's own feature stages (copied from the segmentation branch, then trained with "
+            f"the classification loss; {model.preprocess} preprocessing) plus the infnet's infection probability"
+            if model.features is not None
+            else "RoI features of the shipped infnet backbone (stage 2 + infection probability"
+        )
+        + ", 65 x 28 x 28, beta RoIs per slice, RoIs from the infnet's lesion instances; see "
+        "covfast/pipeline/diagnosis.py",
         "classes": list(CLASSES),
         "backbone": {key: value for key, value in backbone.items() if key in ("name", "sha256")},
         "data": {src: sum(r["source"] == src for r in rows) for src in sorted({r["source"] for r in rows})},

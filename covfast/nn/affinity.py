@@ -15,6 +15,15 @@ pooled by ``covfast.ops.roi_align`` into features X_roi [beta, C_in, 28, 28]. Th
 Where this differs from the paper and why: the RoI features come from the shared backbone of the segmentation
 network (see :mod:`covfast.pipeline.diagnosis`), the first refinement convolution reduces C_in to a few channels
 (``ch``) to keep the head cheap on a CPU.
+
+Classification branch with its own feature stages (``features`` set): the head then owns a copy of the first
+backbone stages (stem + two stages of :class:`covfast.nn.backbone.ResNetBackbone`, the layers the RoI features are
+taken from). Training (``training/affinity.py``, recipes with a ``"joint"`` block) alternates a segmentation stage of
+the Inf-Net with a classification stage and copies the segmentation weights into these stages before each
+classification stage, as the paper does for its classification branch; the classification loss then adapts them.
+With ``preprocess="paper"`` these stages read the paper's input instead of covfast's: the view's raw Hounsfield units
+standardised by one global mean and standard deviation (``input_mean``, ``input_std``, measured on the training
+views), no lung window.
 """
 
 from __future__ import annotations
@@ -26,10 +35,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from covfast import ops
+from covfast.nn.backbone import ResNetBackbone
 
 CLASSES = ("covid", "pneumonia", "normal")
 ROI_SIZE = 28
 AFFINITY_DIMS = (8, 16, 32, 64)
+PREPROCESS = ("covfast", "paper")
+# The backbone layers the RoI features come from (stride 8): stem, stage 0 (stride 4), stage 1 (stride 8).
+FEATURE_PREFIXES = ("stem.", "stages.0.", "stages.1.")
 
 
 def _refinement(in_ch: int, ch: int) -> nn.Sequential:
@@ -52,6 +65,12 @@ class AffinityHead(nn.Module):
         beta: RoIs per slice.
         hidden: width of the first fully connected layer.
         n_blocks: refinement blocks N.
+        features: widths of the head's own feature stages (e.g. ``[32, 64]``, the Inf-Net backbone's first two),
+            or None to pool from the segmentation network's backbone.
+        preprocess: "covfast" (the Inf-Net's standardised lung-window view) or "paper" (raw HU standardised by
+            ``input_mean`` / ``input_std``); "paper" needs ``features``.
+        input_mean: global mean in HU of the training views ("paper").
+        input_std: global standard deviation in HU of the training views ("paper").
     """
 
     def __init__(
@@ -63,11 +82,26 @@ class AffinityHead(nn.Module):
         beta: int = 8,
         hidden: int = 64,
         n_blocks: int = 3,
+        features: list[int] | None = None,
+        preprocess: str = "covfast",
+        input_mean: float | None = None,
+        input_std: float | None = None,
     ):
         super().__init__()
         if affinity_dim not in AFFINITY_DIMS:
             raise ValueError(f"affinity_dim (C*) must be one of {AFFINITY_DIMS}; got {affinity_dim}")
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {PREPROCESS}; got {preprocess!r}")
+        if preprocess == "paper" and features is None:
+            raise ValueError("preprocess 'paper' needs the head's own feature stages (features=[...])")
+        if features is not None and len(features) != 2:
+            raise ValueError(f"features: widths of the stem's and the two stages' outputs, two values; got {features}")
         self.beta = beta
+        self.preprocess = preprocess
+        self.input_mean = input_mean
+        self.input_std = input_std
+        # Same module names as the Inf-Net backbone's first layers, so its weights copy over by name.
+        self.features = None if features is None else ResNetBackbone(1, tuple(features))
         self.refine = nn.Sequential(*(_refinement(in_ch if i == 0 else ch, ch) for i in range(n_blocks)))
         self.vectorise = nn.Sequential(
             nn.Conv2d(ch, feature_dim, 4, stride=4, bias=False),
@@ -91,6 +125,22 @@ class AffinityHead(nn.Module):
         x = x.reshape(n, beta, -1)
         z = ops.affinity(x, self.affinity_matrix, self.affinity_vector)
         return self.classify(z)
+
+    def feature_input(self, x: torch.Tensor, hu_view: torch.Tensor | None) -> torch.Tensor:
+        """Input of the head's own feature stages: ``x`` (covfast's standardised view) or, for "paper", the view's
+        HU ([N, 1, S, S] on the same grid) standardised by the global mean and standard deviation."""
+        if self.preprocess == "covfast":
+            return x
+        if hu_view is None or self.input_mean is None or self.input_std is None:
+            raise ValueError("preprocess 'paper' needs the HU view and input_mean / input_std")
+        return (hu_view - self.input_mean) / self.input_std
+
+    def copy_features(self, backbone: nn.Module) -> None:
+        """The weight copy: load the segmentation backbone's stem and first two stages into the head's own stages."""
+        if self.features is None:
+            raise ValueError("this head pools from the segmentation backbone; it has no feature stages to copy into")
+        state = {k: v for k, v in backbone.state_dict().items() if k.startswith(FEATURE_PREFIXES)}
+        self.features.load_state_dict(state)
 
 
 def select_rois(boxes: list[tuple[float, float, float, float]], fallback: list[tuple], beta: int = 8) -> list[tuple]:

@@ -19,6 +19,13 @@ transpose, 256 x 256: :func:`slice_view`), and the probability channel and the i
 output on that view, handed over by the infection stage, so training and inference see the same inputs. A slice
 with no lesion instance uses whole-lung RoIs: the crop and its two halves along the left-right axis (one per lung).
 
+A head trained with the paper's alternating schedule (``python -m training.affinity`` with a "joint" recipe) owns
+its copy of the two feature stages (:attr:`AffinityHead.features`), initialised from the segmentation branch and then
+trained with the classification loss; its RoIs are pooled from those stages instead of the Inf-Net's, and a head
+with ``preprocess="paper"`` takes the view in raw Hounsfield units normalised by the training set's mean and
+standard deviation (the paper's input) instead of the 8-bit lung window. Instances and the probability channel still
+come from the shipped Inf-Net.
+
 Volume aggregation rule (:data:`RULE`): slice class probabilities are the head's per-class sigmoids normalised to
 sum 1. A lung slice is abnormal when its normal probability is below 0.5. If fewer than
 ``max(3, 10 % of the lung slices)`` slices are abnormal the volume is normal; otherwise the label is the larger of
@@ -112,15 +119,33 @@ class RoiFeatures:
         """
         prob = prob.to(self.device)
         feats = self.backbone_features(x) if features is None else features.to(self.device, torch.float32)
-        maps = torch.cat([feats, F.avg_pool2d(prob, FEATURE_STRIDE)], dim=1)
-        prob_np = prob[:, 0].cpu().numpy()
+        rois, counts = self.select(prob)
+        return pool_rois(feature_maps(feats, prob), rois, 1.0 / FEATURE_STRIDE), counts
+
+    def select(self, prob: torch.Tensor) -> tuple[list[list[tuple]], list[int]]:
+        """The ``beta`` RoIs of each view (lesion instances of ``prob`` [N, 1, S, S], else whole-lung boxes) and
+        the lesion instance count per view."""
         size = prob.shape[-1]
         rois, counts = [], []
-        for view_prob in prob_np:
+        for view_prob in prob[:, 0].cpu().numpy():
             found = extract_instances(view_prob)
             counts.append(len(found))
             rois.append(select_rois([inst.box for inst in found], fallback_boxes(size), self.beta))
-        return pool_rois(maps, rois, 1.0 / FEATURE_STRIDE), counts
+        return rois, counts
+
+
+def feature_maps(features: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """The maps RoIs are pooled from: stride-8 features [N, F, S/8, S/8] plus the probability average-pooled to the
+    same grid as channel F + 1."""
+    return torch.cat([features, F.avg_pool2d(prob, FEATURE_STRIDE)], dim=1)
+
+
+def hu_view(hu_slice: np.ndarray, crop: tuple[slice, slice], size: int) -> torch.Tensor:
+    """The view's geometry (lung crop, transposed, ``size`` x ``size``) in raw Hounsfield units: [1, 1, size, size]
+    float32, resized as :func:`covfast.nn.preprocess.to_input` resizes (input of a "paper"-preprocessed head)."""
+    rows, cols = crop
+    x = torch.from_numpy(np.ascontiguousarray(hu_slice[rows, cols].T, dtype=np.float32))[None, None]
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def class_probs(logits: torch.Tensor) -> np.ndarray:
@@ -248,7 +273,9 @@ def diagnose(
             f"the affinity head was trained on the features of infnet {trained_on}, but infnet "
             f"{infnet.card['sha256']} is installed; retrain it (python -m training.affinity, see its model card)"
         )
-    extractor = RoiFeatures(infnet.model.backbone, head.beta, device)
+    # A head with its own feature stages (the classification branch) pools from those, not the Inf-Net's backbone.
+    own = head.features is not None
+    extractor = RoiFeatures(head.features if own else infnet.model.backbone, head.beta, device)
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
     work = lung_slices(lung)
@@ -263,11 +290,14 @@ def diagnose(
                 for z, (rows, cols) in chunk
             ]
         )
-        if view_features and all(z in view_features for z, _ in chunk):
+        if not own and view_features and all(z in view_features for z, _ in chunk):
             rois, counts = extractor(None, prob, torch.stack([view_features[z] for z, _ in chunk]))
         else:
             views = [stage_view(hu, z, crop) for z, crop in chunk]
-            rois, counts = extractor(torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views]), prob)
+            x = torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views])
+            if own and head.preprocess == "paper":
+                x = head.feature_input(x, torch.cat([hu_view(hu[z], crop, INPUT_SIZE) for z, crop in chunk]))
+            rois, counts = extractor(x, prob)
         with torch.no_grad():
             probs = class_probs(head(rois.to(device)))
         for (z, _), p, n in zip(chunk, probs, counts):
