@@ -299,3 +299,21 @@ def test_diagnose_with_a_head_that_owns_its_feature_stages(tmp_path, preprocess)
         ref = diagnose(hu, lung, prob, volume.spacing_mm)
         expected = np.array([list(s["class_probs"].values()) for s in ref["slices"]])
         np.testing.assert_allclose(table, expected, atol=1e-4)
+
+
+AFFINITY_RECIPES = sorted((Path(__file__).resolve().parents[1] / "training" / "recipes").glob("affinity*.json"))
+
+
+@pytest.mark.parametrize("path", AFFINITY_RECIPES, ids=[p.stem for p in AFFINITY_RECIPES])
+def test_affinity_recipes_build_their_head(path):
+    recipe = json.loads(path.read_text())
+    config = dict(recipe["model"])
+    if config.get("preprocess") == "paper":  # measured on the training views at train time
+        config.update(input_mean=-400.0, input_std=400.0)
+    head = AffinityHead(**config)
+    # A head with its own stages is trained by the alternating schedule, which needs its "joint" block.
+    assert (head.features is not None) == ("joint" in recipe)
+    if "joint" in recipe:
+        assert {"rounds", "seg_steps", "seg_batch", "seg_lr", "cls_steps", "features_lr"} <= recipe["joint"].keys()
+    for key in ("batch", "lr", "weight_decay"):
+        assert recipe["optim"][key] > 0
