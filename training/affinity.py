@@ -48,16 +48,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covfast.nn.affinity import CLASSES, AffinityHead, pool_rois
+from covfast.nn.affinity import CLASSES, AffinityHead
 from covfast.pipeline.diagnosis import (
-    FEATURE_STRIDE,
     MODEL_NAME,
     RoiFeatures,
     aggregate,
     class_probs,
-    feature_maps,
     hu_view,
+    pool_view_rois,
     slice_view,
+    stride8_features,
 )
 
 CT_MD_CASES = {"P001": "covid", "cap001": "pneumonia", "normal001": "normal"}
@@ -94,7 +94,7 @@ def _roi_batch(infnet, extractor: RoiFeatures, views: list[np.ndarray], hu_views
     x = torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views])
     prob = torch.sigmoid(infnet.model(x).prediction.float())
     boxes, counts = extractor.select(prob)
-    rois, _ = extractor(x, prob)
+    rois = pool_view_rois(extractor.backbone_features(x), prob, boxes)
     return {
         "feats": rois.half().numpy(),
         "lesions": counts,
@@ -321,10 +321,9 @@ def joint_rois(head: AffinityHead, views: dict, pick: np.ndarray) -> torch.Tenso
     x = torch.from_numpy(views["x"][pick].astype(np.float32))[:, None]
     hu = torch.from_numpy(views["hu"][pick].astype(np.float32))[:, None] if head.preprocess == "paper" else None
     prob = torch.from_numpy(views["prob"][pick].astype(np.float32))[:, None]
-    stages = head.features
-    feats = stages.stages[1](stages.stages[0](stages.stem(head.feature_input(x, hu))))
+    feats = stride8_features(head.features, head.feature_input(x, hu))
     rois = [[tuple(map(float, box)) for box in views["boxes"][i]] for i in pick]
-    return pool_rois(feature_maps(feats, prob), rois, 1.0 / FEATURE_STRIDE)
+    return pool_view_rois(feats, prob, rois)
 
 
 def joint_logits(head: AffinityHead, views: dict, pick: np.ndarray) -> torch.Tensor:

@@ -99,7 +99,7 @@ class RoiFeatures:
     def backbone_features(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 1, S, S] standardised views -> the backbone's stride-8 features [N, F, S/8, S/8] (the Inf-Net's f2)."""
         with torch.no_grad():
-            return self.backbone.stages[1](self.backbone.stages[0](self.backbone.stem(x.to(self.device))))
+            return stride8_features(self.backbone, x.to(self.device))
 
     @torch.no_grad()
     def __call__(
@@ -120,7 +120,7 @@ class RoiFeatures:
         prob = prob.to(self.device)
         feats = self.backbone_features(x) if features is None else features.to(self.device, torch.float32)
         rois, counts = self.select(prob)
-        return pool_rois(feature_maps(feats, prob), rois, 1.0 / FEATURE_STRIDE), counts
+        return pool_view_rois(feats, prob, rois), counts
 
     def select(self, prob: torch.Tensor) -> tuple[list[list[tuple]], list[int]]:
         """The ``beta`` RoIs of each view (lesion instances of ``prob`` [N, 1, S, S], else whole-lung boxes) and
@@ -134,10 +134,17 @@ class RoiFeatures:
         return rois, counts
 
 
-def feature_maps(features: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """The maps RoIs are pooled from: stride-8 features [N, F, S/8, S/8] plus the probability average-pooled to the
-    same grid as channel F + 1."""
-    return torch.cat([features, F.avg_pool2d(prob, FEATURE_STRIDE)], dim=1)
+def stride8_features(backbone: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Stem and first two stages of a :class:`covfast.nn.backbone.ResNetBackbone` (the Inf-Net's, or an affinity
+    head's own copy): [N, 1, S, S] -> [N, F, S/8, S/8]."""
+    return backbone.stages[1](backbone.stages[0](backbone.stem(x)))
+
+
+def pool_view_rois(features: torch.Tensor, prob: torch.Tensor, rois: list[list[tuple]]) -> torch.Tensor:
+    """RoI features [N, beta, F + 1, 28, 28]: the stride-8 features [N, F, S/8, S/8] with the probability
+    [N, 1, S, S] average-pooled to the same grid as channel F + 1, pooled at ``rois`` (per view, view pixels)."""
+    maps = torch.cat([features, F.avg_pool2d(prob, FEATURE_STRIDE)], dim=1)
+    return pool_rois(maps, rois, 1.0 / FEATURE_STRIDE)
 
 
 def hu_view(hu_slice: np.ndarray, crop: tuple[slice, slice], size: int) -> torch.Tensor:
