@@ -160,6 +160,8 @@ def _output_name(path: str, taken: set[str]) -> str:
 def _summary_line(name: str, report: dict, out_dir: Path) -> str:
     lung = report["lung_volume_ml"]["total"]
     pct = report["percent_infected"]["volumetric"]
+    if lung == 0:
+        return f"{name}: no lung found -> {out_dir}"
     if pct is None:
         return f"{name}: lung {lung:.0f} mL; infection not quantified (no model, no --infection-mask) -> {out_dir}"
     infected = report["infected_volume_ml"]["total"]

@@ -85,6 +85,8 @@ def test_class_probs_and_aggregation_rule():
     mixed[:] = normal
     mixed[:3] = [0.7, 0.2, 0.1]
     assert aggregate(mixed)["label"] == "normal"  # 3 of 40 slices < 10 %
+    # No lung slice, no call (and no NaN for report.json).
+    assert aggregate(np.zeros((0, 3))) == {"label": None, "probs": None, "rule": result["rule"], "abnormal_slices": 0}
 
 
 def test_lesion_volumes_counts_3d_components_inside_lung():

@@ -247,3 +247,47 @@ def test_several_inputs_one_failing(tmp_path, capsys):
         report = json.loads((out / name / "report.json").read_text())
         assert report["input"]["path"] == str(source)
         assert nib.load(str(out / name / "lung_mask.nii.gz")).shape == nib.load(str(source)).shape
+
+
+def _strict_json(path):
+    """report.json parsed as strict JSON (NaN / Infinity are not JSON)."""
+    def refuse(token):
+        raise AssertionError(f"{path}: {token} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_scan_without_lungs_says_so(tmp_path, capsys):
+    """A CT of a water cylinder in air (a phantom, no lungs): exit 0, an empty lung mask, nothing quantified, no
+    network run, a note that says why, and no NaN in report.json."""
+    rows, cols = np.mgrid[:96, :96]
+    body = ((rows - 48) ** 2 + (cols - 48) ** 2) < 40**2
+    hu = np.where(body[..., None], 40, -1000).astype(np.int16) * np.ones((1, 1, 12), np.int16)
+    path = tmp_path / "phantom.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
+    out = tmp_path / "out"
+    assert main(["infer", str(path), "-o", str(out), "--device", "cpu", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"phantom: no lung found -> {out / 'phantom'}"
+    assert "no lung found: is this a chest CT" in captured.err
+    report = _strict_json(out / "phantom" / "report.json")
+    assert report["lung_volume_ml"]["total"] == 0
+    assert report["percent_infected"]["volumetric"] is None and report["severity"]["ct_class"] is None
+    assert report["models"] == [] and report["infection_source"] is None and report["diagnosis"] is None
+    assert any(note.startswith("no lung found") for note in report["notes"])
+    assert not nib.load(str(out / "phantom" / "lung_mask.nii.gz")).get_fdata().any()
+
+
+def test_scan_covering_little_lung_gets_a_note(tmp_path, capsys):
+    """Three slices of the sample (~440 mL of lung): quantified as usual, with a note that the scan may not cover
+    the chest."""
+    image = nib.load(str(sample_path()))
+    mid = image.shape[2] // 2
+    path = tmp_path / "slab.nii.gz"
+    nib.save(image.slicer[:, :, mid : mid + 3], str(path))
+    out = tmp_path / "out"
+    assert main(["infer", str(path), "-o", str(out), "--device", "cpu", "-q", "--no-preview", "--tta", "none"]) == 0
+    report = _strict_json(out / "slab" / "report.json")
+    lung = report["lung_volume_ml"]["total"]
+    assert 0 < lung < 500
+    assert f"only {lung:.0f} mL of lung found" in " ".join(report["notes"])
+    assert report["percent_infected"]["volumetric"] is not None

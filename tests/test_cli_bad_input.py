@@ -92,7 +92,7 @@ def _write_series(folder, positions, series_uid=None, rows=16):
         ds.PixelRepresentation = 0
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = np.full((rows, 16), 200, np.uint16).tobytes()
+        ds.PixelData = (200 + np.arange(rows * 16, dtype=np.uint16) % 7).reshape(rows, 16).tobytes()
         pydicom.dcmwrite(name, ds, enforce_file_format=True)
     return series_uid
 

@@ -114,6 +114,13 @@ def test_not_3d(tmp_path, shape):
     expect_input_error(tmp_path, lambda: load_array(np.full(shape, -1000.0)), "<array>", f"{len(shape)}D array")
 
 
+@pytest.mark.parametrize("value", [-1000, 0, 40])
+def test_blank_volume(tmp_path, value):
+    path = write_nifti(tmp_path / "blank.nii.gz", np.full((6, 7, 8), value, np.int16), RAS)
+    expect_input_error(tmp_path, lambda: load_volume(path), path, f"same value ({value})", "blank volume")
+    expect_input_error(tmp_path, lambda: load_array(np.full((6, 7, 8), float(value))), "<array>", "blank volume")
+
+
 def test_zero_dimension(tmp_path):
     path = raw_nifti(tmp_path / "zero.nii", (8, 0, 6))
     expect_input_error(tmp_path, lambda: load_volume(path), path, "zero dimension")

@@ -190,11 +190,14 @@ def value_range(path, values: np.ndarray) -> tuple[float, float]:
 
 
 def check_hounsfield(path, low: float, high: float) -> None:
-    """Refuse a value range that looks like a windowed 8-bit export rather than Hounsfield units.
+    """Refuse a value range that is not a CT's: a blank volume, or a windowed 8-bit export rather than Hounsfield
+    units.
 
     Raises:
-        InputError: every value lies within 0..255.
+        InputError: every voxel has the same value, or every value lies within 0..255.
     """
+    if low == high:
+        raise InputError(path, f"every voxel has the same value ({low:g}): a blank volume, not a CT")
     if low >= 0 and high <= _WINDOWED_MAX:
         raise InputError(path, WINDOWED_EXPORT_PROBLEM)
 

@@ -168,8 +168,10 @@ def aggregate(slice_probs: np.ndarray) -> dict:
         slice_probs: [N, 3] float class probabilities of the lung slices (order of ``CLASSES``).
 
     Returns:
-        ``{"label", "probs": {class: p}, "rule", "abnormal_slices"}``.
+        ``{"label", "probs": {class: p}, "rule", "abnormal_slices"}``; label and probs None without lung slices.
     """
+    if not len(slice_probs):
+        return {"label": None, "probs": None, "rule": RULE, "abnormal_slices": 0}
     normal = CLASSES.index("normal")
     abnormal = slice_probs[:, normal] < 0.5 if len(slice_probs) else np.zeros(0, dtype=bool)
     needed = max(MIN_ABNORMAL_SLICES, int(np.ceil(MIN_ABNORMAL_FRACTION * len(slice_probs))))
@@ -180,7 +182,7 @@ def aggregate(slice_probs: np.ndarray) -> dict:
         deciding = slice_probs[abnormal]
         mean = deciding.mean(axis=0)
         label = "covid" if mean[CLASSES.index("covid")] >= mean[CLASSES.index("pneumonia")] else "pneumonia"
-    mean = deciding.mean(axis=0) if len(deciding) else np.full(3, np.nan)
+    mean = deciding.mean(axis=0)
     return {
         "label": label,
         "probs": {name: float(mean[i]) for i, name in enumerate(CLASSES)},

@@ -22,6 +22,10 @@ from covfast.errors import ModelNotInstalledError, OutputError
 from covfast.pipeline.severity import DEFAULT_RULES, PROBABILITY_THRESHOLD, SeverityRules, summarize
 
 SCHEMA_VERSION = "1.0"
+# An adult's lungs hold 3-6 L at CT; under this much the scan most likely misses part of the chest (a note, not an
+# error: a child's or a partly collapsed lung can be small).
+SMALL_LUNG_ML = 500.0
+NO_LUNG_NOTE = "no lung found: is this a chest CT that covers the lungs? nothing was quantified"
 
 
 @dataclass
@@ -209,6 +213,15 @@ def analyze(
     notes: list[str] = list(getattr(volume, "warnings", []) or [])
     with _timed(timings, "lung_mask"):
         lung = compute_lung_mask(volume.hu, volume.spacing_mm)
+    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
+    lung_ml = float(np.count_nonzero(lung)) * voxel_ml
+    if lung_ml == 0:
+        notes.append(NO_LUNG_NOTE)
+    elif lung_ml < SMALL_LUNG_ML:
+        notes.append(
+            f"only {lung_ml:.0f} mL of lung found: the scan may not cover the whole chest; percentages refer to the "
+            "lung inside the scan (check preview.png)"
+        )
 
     models: list[dict] = []
     engines: dict = {}
@@ -221,7 +234,7 @@ def analyze(
         if infection_mask is not None:
             classes = np.ascontiguousarray(infection_mask, dtype=np.uint8)
             infection_source = {"kind": "mask", "path": infection_mask_source}
-        else:
+        elif lung_ml > 0:  # no lung, nothing for the networks to look at
             try:
                 from covfast.pipeline.infection import check_tta, drop_small_components, segment_infection
 
@@ -245,7 +258,6 @@ def analyze(
     infected_voxels = None
     soft_ml = None
     slice_ratio = None
-    voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     with _timed(timings, "reduction"):
         if counts is not None:
             lung_voxels, infected_voxels = counts.lung_voxels, counts.infected_voxels

@@ -1,0 +1,77 @@
+"""Out-of-fold scores of single models, probability-averaged ensembles of them and other thresholds (one-off analysis).
+
+    python training/analysis/ensemble_check.py --folds 0,1,2,3,4 --tta h \
+        infnet=runs/s3/infnet_long/fold{k}.safetensors unet=runs/s6/unet_long_aug/fold{k}.safetensors
+
+Each ``name=pattern`` names one model per fold (``{k}`` = fold). Every model scores only its own fold's validation
+slices, so every ensemble below is out-of-fold too. Prints, pooled over the folds' slices, the metrics of each
+model, of the mean probability of every subset of two or more models, and Dice of each at thresholds other
+than 0.5 (calibration: a model whose best threshold is far from 0.5 loses Dice@0.5).
+"""
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from covfast.evaluate import summarize
+from covfast.nn import load_model
+from training.data import cv_folds, load_labelled
+from training.loops import predict, score
+
+KEYS = ("dice", "dice_mean256", "iou", "sensitivity", "specificity", "mae")
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
+
+
+def flip_probs(model, images: torch.Tensor, tta: str) -> torch.Tensor:
+    """Probabilities averaged over the identity and the flips of ``tta`` ("none", "h" or "hv")."""
+    dims = {"none": [], "h": [-1], "hv": [-1, -2]}[tta]
+    with torch.no_grad():
+        probs = [predict(model, images, "infection")]
+        probs += [predict(model, images.flip(d), "infection").flip(d) for d in dims]
+    return sum(probs) / len(probs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="name=path pattern with {k} for the fold")
+    ap.add_argument("--folds", default="0")
+    ap.add_argument("--tta", default="h", choices=["none", "h", "hv"])
+    ap.add_argument("--data", default="../shared/data/infnet-semiseg")
+    ap.add_argument("--json", help="write the pooled numbers here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    specs = dict(m.split("=", 1) for m in args.models)
+    labelled = load_labelled(args.data, 256, "infection")
+    split = cv_folds(len(labelled.names), 5, 0)
+    per: dict[str, list] = {}
+    for k in (int(f) for f in args.folds.split(",")):
+        val = labelled.subset(split[k])
+        probs = {name: flip_probs(load_model(p.format(k=k)), val.images, args.tta) for name, p in specs.items()}
+        combos = {name: [name] for name in specs}
+        for r in range(2, len(specs) + 1):
+            combos.update({"+".join(c): list(c) for c in itertools.combinations(specs, r)})
+        for label, members in combos.items():
+            mean = sum(probs[m] for m in members) / len(members)
+            per.setdefault(label, []).extend(score(mean, val.native_targets, val.names, "infection"))
+            for t in THRESHOLDS:
+                if t != 0.5:  # Dice at another threshold: shift the probabilities so that t maps to 0.5
+                    shifted = (mean - t + 0.5).clamp(0, 1)
+                    scores = score(shifted, val.native_targets, val.names, "infection")
+                    per.setdefault(f"{label}@{t}", []).extend(scores)
+        print(f"fold {k} done", flush=True)
+    pooled = {}
+    for label, scores in per.items():
+        s = summarize(scores)
+        pooled[label] = {"slices": len(scores), **{key: round(s[key]["mean"], 4) for key in KEYS}}
+        if "@" not in label:
+            pooled[label]["dice_ci95"] = [round(v, 4) for v in s["dice"]["ci95"]]
+        print(label, pooled[label] if "@" not in label else {"dice": pooled[label]["dice"]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"folds": args.folds, "tta": args.tta, "models": specs, "pooled": pooled}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
