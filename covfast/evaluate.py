@@ -213,11 +213,61 @@ def _read_gray(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"))
 
 
-def _read_labels(path: Path) -> np.ndarray:
+# Colours of the multi-class masks' palette (COVID-SemiSeg: index 1 dark red = GGO, index 2 dark green =
+# consolidation), for masks saved as RGB instead of palette PNGs.
+_CLASS_COLOURS = {(0, 0, 0): 0, (128, 0, 0): 1, (0, 128, 0): 2}
+MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _grey(im) -> np.ndarray:
+    """Single-channel values of a PIL image as they are stored (1, 8, 16 or 32 bits); colour images as luminance."""
+    return np.asarray(im) if im.mode in ("1", "L", "I", "I;16", "I;16B", "F") else np.asarray(im.convert("L"))
+
+
+def read_infection_mask(path: Path) -> np.ndarray:
+    """A single-class ground-truth mask as [H, W] bool: palette images by index (> 0), grey 0/1 masks by value
+    (> 0), other grey or colour masks (0/255, JPEG noise) by brightness (> 127)."""
     from PIL import Image
 
     with Image.open(path) as im:
-        return np.asarray(im if im.mode == "P" else im.convert("L"))
+        if im.mode == "P":
+            return np.asarray(im) > 0
+        grey = _grey(im)
+    top = grey.max()
+    return grey > (127 if 1 < top <= 255 else 0)
+
+
+def read_class_mask(path: Path) -> np.ndarray:
+    """A multi-class ground-truth mask as [H, W] uint8 labels 0 background / 1 GGO / 2 consolidation: palette
+    indices, grey values 0 / 1 / 2, or the palette's colours in an RGB image.
+
+    Raises:
+        InputError: the mask holds other values or colours.
+    """
+    from PIL import Image
+
+    from covfast.errors import InputError
+
+    with Image.open(path) as im:
+        if im.mode == "P":
+            labels = np.asarray(im)
+        elif im.mode in ("RGB", "RGBA"):
+            rgb = np.asarray(im.convert("RGB")).astype(np.int32)
+            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+            labels = np.full(code.shape, 255, np.uint8)
+            for (r, g, b), label in _CLASS_COLOURS.items():
+                labels[code == (r << 16) | (g << 8) | b] = label
+            if (labels == 255).any():
+                colours = sorted({tuple(int(v) for v in c) for c in rgb[labels == 255][:1000]})[:4]
+                raise InputError(path, f"colours {colours} are none of background (0, 0, 0), GGO (128, 0, 0), "
+                                 "consolidation (0, 128, 0)")
+        else:
+            labels = _grey(im)
+    found = np.unique(labels)
+    if found.max() > 2:
+        raise InputError(path, f"label values {found[:8].tolist()} are not 0 / 1 / 2 (background / GGO / "
+                         "consolidation)")
+    return labels
 
 
 def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
@@ -228,7 +278,12 @@ def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     if not masks_dir.is_dir():
         raise InputError(masks_dir, "not a folder of masks")
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() == ".png"}
+    masks: dict[str, Path] = {}
+    # One mask per name; a PNG wins over a lossy or other format of the same name.
+    for mask in sorted(masks_dir.iterdir(), key=lambda p: MASK_SUFFIXES.index(p.suffix.lower())
+                       if p.suffix.lower() in MASK_SUFFIXES else len(MASK_SUFFIXES)):
+        if mask.suffix.lower() in MASK_SUFFIXES:
+            masks.setdefault(mask.stem, mask)
     pairs = [(img, masks[img.stem]) for img in images if img.stem in masks]
     if not pairs:
         raise InputError(images_dir, f"no image has a mask of the same name in {masks_dir}")
@@ -281,12 +336,12 @@ def evaluate_slices(
     per_image = []
     for image_path, mask_path in pairs:
         image = _read_gray(image_path)
-        truth = _read_labels(mask_path)
+        truth = read_infection_mask(mask_path) if task == "infection" else read_class_mask(mask_path)
         if truth.shape != image.shape:
             raise UsageError(f"{mask_path}: size {truth.shape} differs from its image {image.shape}")
         prob, class_prob = predict_slices(models, image[None], device=device, tta=tta)
         if task == "infection":
-            entry = binary_metrics(prob[0], truth > 127)
+            entry = binary_metrics(prob[0], truth)
         else:
             entry = multiclass_metrics(class_prob[0], truth)
         per_image.append({"image": image_path.name, **entry})

@@ -145,7 +145,7 @@ def evaluate_instances(
         ``per_image`` entry has ``image``, ``n_truth``, ``n_pred``, ``ap50``, ``ap75``, ``map``.
     """
     from covfast.errors import UsageError
-    from covfast.evaluate import _interval, _pairs, _read_gray, _read_labels
+    from covfast.evaluate import _interval, _pairs, _read_gray, read_infection_mask
     from covfast.pipeline.infection import WEIGHTS_DIR, check_tta, load_models, predict_slices
 
     tta = check_tta(tta)
@@ -154,7 +154,7 @@ def evaluate_instances(
     per_image = []
     for image_path, mask_path in pairs:
         image = _read_gray(image_path)
-        truth = _read_labels(mask_path) > 127
+        truth = read_infection_mask(mask_path)
         if truth.shape != image.shape:
             raise UsageError(f"{mask_path}: size {truth.shape} differs from its image {image.shape}")
         prob, _ = predict_slices(models, image[None], device=device, tta=tta)

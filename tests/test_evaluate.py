@@ -174,3 +174,93 @@ def test_summarize_leaves_out_metrics_older_records_lack():
     summary = summarize([{**old, "present": True}, {**new, "present": True}])
     assert summary["dice"]["mean"] == pytest.approx(0.6) and summary["dice"]["n"] == 2
     assert summary["s_measure"]["mean"] == pytest.approx(0.8) and summary["s_measure"]["n"] == 1
+
+
+def _labels():
+    labels = np.zeros((12, 10), np.uint8)
+    labels[2:6, 1:4] = 1
+    labels[7:10, 5:9] = 2
+    return labels
+
+
+def _palette_image(labels):
+    from PIL import Image
+
+    image = Image.fromarray(labels, mode="P")
+    image.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9))
+    return image
+
+
+@pytest.mark.parametrize("form", ["palette", "rgb", "grey012"])
+def test_class_masks_read_in_every_form_the_layout_allows(tmp_path, form):
+    """COVID-SemiSeg's palette PNG, the same colours saved as RGB, and grey 0 / 1 / 2 all give the same labels."""
+    from PIL import Image
+
+    from covfast.evaluate import read_class_mask
+
+    labels = _labels()
+    path = tmp_path / "m.png"
+    if form == "palette":
+        _palette_image(labels).save(path)
+    elif form == "rgb":
+        _palette_image(labels).convert("RGB").save(path)
+    else:
+        Image.fromarray(labels).save(path)
+    np.testing.assert_array_equal(read_class_mask(path), labels)
+
+
+@pytest.mark.parametrize("form", ["rgb_other_colour", "grey_0_128_255"])
+def test_class_masks_with_unknown_values_are_refused(tmp_path, form):
+    from PIL import Image
+
+    from covfast.errors import EXIT_BAD_INPUT, InputError
+    from covfast.evaluate import read_class_mask
+
+    labels = _labels()
+    path = tmp_path / "m.png"
+    if form == "rgb_other_colour":
+        rgb = np.asarray(_palette_image(labels).convert("RGB")).copy()
+        rgb[0, 0] = (0, 0, 255)
+        Image.fromarray(rgb).save(path)
+    else:
+        Image.fromarray((labels * 127.5).astype(np.uint8)).save(path)
+    with pytest.raises(InputError) as caught:
+        read_class_mask(path)
+    assert str(caught.value).startswith(f"{path}: ") and caught.value.exit_code == EXIT_BAD_INPUT
+
+
+@pytest.mark.parametrize("form", ["grey255", "grey01", "palette", "jpeg", "bilevel", "grey16"])
+def test_infection_masks_read_in_common_forms(tmp_path, form):
+    from PIL import Image
+
+    from covfast.evaluate import read_infection_mask
+
+    truth = _labels() > 0
+    path = tmp_path / ("m.jpg" if form == "jpeg" else "m.png")
+    if form == "palette":
+        _palette_image(truth.astype(np.uint8)).save(path)
+    elif form == "grey01":
+        Image.fromarray(truth.astype(np.uint8)).save(path)
+    elif form == "bilevel":
+        Image.fromarray(truth).save(path)
+    elif form == "grey16":
+        Image.fromarray(truth.astype(np.uint16) * 65535).save(path)
+    else:
+        Image.fromarray(truth.astype(np.uint8) * 255).save(path, **({"quality": 90} if form == "jpeg" else {}))
+    np.testing.assert_array_equal(read_infection_mask(path), truth)
+
+
+def test_png_mask_wins_over_another_format_of_the_same_name(tmp_path):
+    from PIL import Image
+
+    from covfast.evaluate import _pairs
+
+    images, masks = tmp_path / "Imgs", tmp_path / "GT"
+    images.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(images / "a.jpg")
+    for suffix in (".jpg", ".png", ".bmp"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(masks / f"a{suffix}")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(masks / "b.png")  # no image of that name: ignored
+    (masks / "notes.txt").write_text("not a mask")
+    assert _pairs(images, masks) == [(images / "a.jpg", masks / "a.png")]
