@@ -21,7 +21,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import covfast.io.dicom
-from covfast.errors import OutputError
+from covfast.errors import InputError, OutputError
 from covfast.io import (
     Volume,
     atomic_write,
@@ -292,6 +292,46 @@ def test_dicom_two_series_largest_with_warning_or_chosen(tmp_path):
     chosen = load_volume(folder, series=small)
     assert chosen.series_uid == small and chosen.warnings == []
     np.testing.assert_array_equal(chosen.hu, unique_hu((3, 4, 4), start=-500))
+
+
+def _add_stray(folder: Path, series_uid: str, name: str, orientation=None, image_type=None, shape=(6, 5)):
+    """Write one more image into ``folder``'s series: another orientation / size / ImageType (a localizer)."""
+    scratch = folder.parent / f"scratch_{name}"
+    write_dicom_series(scratch, unique_hu((1, *shape)), series_uid=series_uid)
+    (source,) = scratch.iterdir()
+    dataset = pydicom.dcmread(source)
+    if orientation is not None:
+        dataset.ImageOrientationPatient = orientation
+    if image_type is not None:
+        dataset.ImageType = image_type
+    dataset.save_as(folder / f"{name}.dcm", enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        {"orientation": [1, 0, 0, 0, 0, -1], "shape": (6, 5)},  # a coronal scout of another size
+        {"orientation": [1, 0, 0, 0, 0, -1], "shape": (4, 4)},  # a coronal scout of the same size
+        {"image_type": ["ORIGINAL", "PRIMARY", "LOCALIZER"], "shape": (4, 4)},  # axial, flagged a localizer
+    ],
+)
+def test_dicom_localizer_in_the_series_is_left_out_with_a_warning(tmp_path, stray):
+    folder = tmp_path / "with_scout"
+    hu = unique_hu((8, 4, 4))
+    uid = write_dicom_series(folder, hu)
+    _add_stray(folder, uid, "scout", **stray)
+    volume = load_volume(folder)
+    np.testing.assert_array_equal(volume.hu, hu)
+    assert len(volume.warnings) == 1 and "left out 1 image(s)" in volume.warnings[0] and uid in volume.warnings[0]
+
+
+def test_dicom_series_that_really_mixes_orientations_is_refused(tmp_path):
+    folder = tmp_path / "mixed_orientation"
+    uid = write_dicom_series(folder, unique_hu((6, 4, 4)))
+    for k in range(4):
+        _add_stray(folder, uid, f"coronal{k}", orientation=[1, 0, 0, 0, 0, -1])
+    with pytest.raises(InputError, match="mixes slice orientations"):
+        load_volume(folder)
 
 
 @pytest.mark.parametrize("slope", [0.5, 20])

@@ -106,6 +106,41 @@ def _choose_series(folder: Path, images, series: str | None) -> tuple[str, list,
     return uid, groups[uid], warnings
 
 
+def _geometry_key(dataset: pydicom.Dataset) -> tuple:
+    """What the slices of one volume share: orientation (to 1e-3) and image size; localizers get their own key."""
+    image_type = [str(v).upper() for v in dataset.get("ImageType", [])]
+    if "LOCALIZER" in image_type:
+        return ("localizer",)
+    orientation = tuple(round(float(v), 3) + 0.0 for v in dataset.ImageOrientationPatient)
+    return (orientation, int(dataset.Rows), int(dataset.Columns))
+
+
+def _drop_strays(folder: Path, uid: str, members) -> tuple[list, list[str]]:
+    """Leave out the few images of a series that do not belong to its volume (a localizer or scout with the same
+    SeriesInstanceUID: ImageType LOCALIZER, another orientation or another image size), with a warning.
+
+    Only a minority is dropped (at most max(3, 10 %) of the images); a series that really mixes geometries is left
+    whole for :func:`_order_slices` / :func:`_check_pixels` to refuse.
+    """
+    groups = defaultdict(list)
+    for member in members:
+        groups[_geometry_key(member[1])].append(member)
+    if len(groups) == 1:
+        return members, []
+    volume_keys = [key for key in groups if key != ("localizer",)]
+    if not volume_keys:
+        return members, []
+    main = max(volume_keys, key=lambda key: len(groups[key]))
+    strays = len(members) - len(groups[main])
+    if strays > max(3, 0.1 * len(members)):
+        return members, []
+    warning = (
+        f"{folder}: left out {strays} image(s) of series {uid} that are not slices of its volume (a localizer or "
+        "scout: another orientation or image size, or ImageType LOCALIZER)"
+    )
+    return groups[main], [warning]
+
+
 def _order_slices(folder: Path, members) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
     """Sort a series' slices along the slice normal and check it has no gaps or duplicates.
 
@@ -261,6 +296,7 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
     folder_path = Path(folder)
     images, warnings = _read_images(folder_path)
     uid, members, choice_warnings = _choose_series(folder_path, images, series)
+    members, stray_warnings = _drop_strays(folder_path, uid, members)
     members, row_cosine, column_cosine, positions = _order_slices(folder_path, members)
     rows, columns = _check_pixels(folder_path, members)
     source_shape = (columns, rows, len(members))
@@ -286,5 +322,5 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
         qform_code=1,
         sform_code=1,
         series_uid=uid,
-        warnings=warnings + choice_warnings,
+        warnings=warnings + choice_warnings + stray_warnings,
     )
