@@ -33,6 +33,7 @@ def infer(
     device: str = "auto",
     batch_size: int = 8,
     preview: bool = True,
+    save_probabilities: bool = False,
     rules: SeverityRules = DEFAULT_RULES,
     progress=None,
     engine: str = "auto",
@@ -52,6 +53,8 @@ def infer(
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: slices per network batch.
         preview: draw preview.png when writing outputs.
+        save_probabilities: also write infection_prob.nii.gz (the network's infection probability, uint8 p x 255
+            with scl_slope 1/255, on the input's grid) when writing outputs.
         rules: severity thresholds (:class:`covfast.pipeline.severity.SeverityRules`).
         progress: optional callable(n_done, n_total) for the infection network.
         engine: inference engine of the infection networks: ``auto`` (TensorRT, torch on CUDA, onnxruntime, torch
@@ -96,7 +99,7 @@ def infer(
         tta=tta,
     )
     if out_dir is not None:
-        result.save(Path(out_dir), preview=preview)
+        result.save(Path(out_dir), preview=preview, probabilities=save_probabilities)
     return result
 
 
@@ -124,6 +127,7 @@ def infer_many(
     device: str = "auto",
     batch_size: int = 8,
     preview: bool = True,
+    save_probabilities: bool = False,
     rules: SeverityRules = DEFAULT_RULES,
     engine: str = "auto",
     precision: str | None = None,
@@ -142,7 +146,7 @@ def infer_many(
         paths: inputs (``.nii``/``.nii.gz`` files or DICOM series folders).
         out_dirs: output folder of each input, same length as ``paths``.
         series: SeriesInstanceUID to take from DICOM folders holding several series.
-        device, batch_size, preview, rules, engine, precision, tta: as for :func:`infer`.
+        device, batch_size, preview, save_probabilities, rules, engine, precision, tta: as for :func:`infer`.
         progress: optional callable(index) -> callable(n_done, n_total) (or None), the infection network's progress
             callback for input ``index``.
 
@@ -172,8 +176,9 @@ def infer_many(
                 outcome = exc
             if writing is not None:
                 yield _written(*writing)
-            saving = None if isinstance(outcome, CovfastError) else writer.submit(outcome.save, Path(out_dir),
-                                                                                   preview=preview)
+            saving = None if isinstance(outcome, CovfastError) else writer.submit(
+                outcome.save, Path(out_dir), preview=preview, probabilities=save_probabilities
+            )
             writing = (index, saving, outcome)
         if writing is not None:
             yield _written(*writing)

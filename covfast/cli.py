@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="output folder; one subfolder per input (default: covfast_out)",
     )
-    infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    infer.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where the networks and the volume steps run (auto: a CUDA GPU when torch sees one)")
     infer.add_argument(
         "--engine",
         choices=ENGINE_CHOICES,
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use from a DICOM folder with several")
     infer.add_argument("--no-preview", action="store_true", help="do not draw preview.png")
+    infer.add_argument("--save-probabilities", action="store_true",
+                       help="also write infection_prob.nii.gz: the network's infection probability on the input's "
+                            "grid (uint8 p x 255 with scl_slope 1/255, so NIfTI readers return p)")
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     infer.set_defaults(func=cmd_infer)
 
@@ -231,7 +235,7 @@ def cmd_infer(args) -> int:
     names = [_output_name(path, taken) for path in inputs]
     slices = [_SliceProgress(name, disable=args.quiet) for name in names]
     options = {"series": args.series, "device": device, "batch_size": args.batch_size,
-               "preview": not args.no_preview, "engine": args.engine, "precision": args.precision, "tta": args.tta}
+               "preview": not args.no_preview, "save_probabilities": args.save_probabilities, "engine": args.engine, "precision": args.precision, "tta": args.tta}
     if args.infection_mask:
         outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]
     else:

@@ -277,13 +277,19 @@ def test_scan_without_lungs_says_so(tmp_path, capsys):
     assert not nib.load(str(out / "phantom" / "lung_mask.nii.gz")).get_fdata().any()
 
 
-def test_scan_covering_little_lung_gets_a_note(tmp_path, capsys):
-    """Three slices of the sample (~440 mL of lung): quantified as usual, with a note that the scan may not cover
-    the chest."""
+def _slab(tmp_path, slices: int = 3):
+    """A NIfTI of ``slices`` middle slices of the sample (its header and geometry)."""
     image = nib.load(str(sample_path()))
     mid = image.shape[2] // 2
     path = tmp_path / "slab.nii.gz"
-    nib.save(image.slicer[:, :, mid : mid + 3], str(path))
+    nib.save(image.slicer[:, :, mid : mid + slices], str(path))
+    return path
+
+
+def test_scan_covering_little_lung_gets_a_note(tmp_path, capsys):
+    """Three slices of the sample (~440 mL of lung): quantified as usual, with a note that the scan may not cover
+    the chest."""
+    path = _slab(tmp_path)
     out = tmp_path / "out"
     assert main(["infer", str(path), "-o", str(out), "--device", "cpu", "-q", "--no-preview", "--tta", "none"]) == 0
     report = _strict_json(out / "slab" / "report.json")
@@ -291,3 +297,32 @@ def test_scan_covering_little_lung_gets_a_note(tmp_path, capsys):
     assert 0 < lung < 500
     assert f"only {lung:.0f} mL of lung found" in " ".join(report["notes"])
     assert report["percent_infected"]["volumetric"] is not None
+
+
+def test_save_probabilities_writes_the_soft_map_on_the_input_grid(tmp_path):
+    """--save-probabilities: infection_prob.nii.gz on the input's grid whose in-lung sum is the report's soft
+    infected volume; not written without the flag or when a given mask replaces the network."""
+    path = _slab(tmp_path, 6)
+    out = tmp_path / "out"
+    args = ["infer", str(path), "-o", str(out), "--device", "cpu", "-q", "--no-preview", "--tta", "none"]
+    assert main(args + ["--save-probabilities"]) == 0
+    folder = out / "slab"
+    report = _strict_json(folder / "report.json")
+    assert report["outputs"]["infection_prob"] == "infection_prob.nii.gz"
+    source = nib.load(str(path))
+    written = nib.load(str(folder / "infection_prob.nii.gz"))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    prob = written.get_fdata()
+    assert prob.min() >= 0 and prob.max() <= 1 + 1e-6 and prob.max() > 0.5
+    lung = np.asarray(nib.load(str(folder / "lung_mask.nii.gz")).dataobj) > 0
+    voxel_ml = float(np.prod(source.header.get_zooms())) / 1000
+    soft = report["infected_volume_ml"]["soft"]
+    # Quantised to 1/255: each voxel's value is off by at most 1/510.
+    assert prob[lung].sum() * voxel_ml == pytest.approx(soft, abs=lung.sum() * voxel_ml / 510 + 1e-6)
+    assert not prob[~lung].any()
+    # Without the flag, or with a mask instead of the network, there is no probability map.
+    assert main(args + ["-o", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "slab" / "infection_prob.nii.gz").exists()
+    assert main(args + ["-o", str(tmp_path / "given"), "--save-probabilities", "--infection-mask",
+                        str(folder / "infection_mask.nii.gz")]) == 0
+    assert not (tmp_path / "given" / "slab" / "infection_prob.nii.gz").exists()

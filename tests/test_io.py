@@ -278,6 +278,12 @@ def test_dicom_series_order_hu_and_geometry(tmp_path):
     np.testing.assert_allclose(written.affine, expected, atol=1e-5)
     assert int(written.header["qform_code"]) == 1 and int(written.header["sform_code"]) == 1
     np.testing.assert_array_equal(load_mask_like(tmp_path / "mask.nii.gz", volume), volume.hu > -990)
+    # Quantised probabilities: stored uint8, read back through scl_slope (the DICOM grid has no source header).
+    levels = (np.arange(volume.hu.size) % 256).reshape(volume.hu.shape).astype(np.uint8)
+    write_nifti_like(volume, levels, tmp_path / "prob.nii.gz", scale=1 / 255)
+    back = nib.load(tmp_path / "prob.nii.gz")
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(volume.from_source(back.get_fdata()), levels / 255, atol=1e-6)
 
 
 def test_dicom_two_series_largest_with_warning_or_chosen(tmp_path):

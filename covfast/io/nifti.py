@@ -211,13 +211,15 @@ def load_mask_like(path, volume: Volume) -> np.ndarray:
     return mask
 
 
-def nifti_bytes_like(volume: Volume, canonical_mask: np.ndarray, compress: bool) -> bytes:
+def nifti_bytes_like(volume: Volume, canonical_mask: np.ndarray, compress: bool, scale: float | None = None) -> bytes:
     """Serialise a canonical mask as a uint8 NIfTI on the volume's source grid (shape, affine, qform/sform).
 
     Args:
         volume: the input volume whose grid the mask takes.
         canonical_mask: [D, H, W] integer labels (0..255) in canonical orientation.
         compress: gzip the result (for ``.nii.gz``).
+        scale: when given, the stored uint8 values are quantised real values: the header's scl_slope is ``scale``
+            (readers such as nibabel's ``get_fdata`` then return ``value * scale``).
 
     Returns:
         The file's bytes.
@@ -238,12 +240,14 @@ def nifti_bytes_like(volume: Volume, canonical_mask: np.ndarray, compress: bool)
         image.set_qform(volume.affine, code=volume.qform_code)
         image.set_sform(volume.affine, code=volume.sform_code)
         image.header.set_xyzt_units("mm")
-    image.header["descrip"] = b"covfast mask"
+    if scale is not None:  # after the image exists: building one from an array resets the header's scaling
+        image.header.set_slope_inter(scale, 0.0)
+    image.header["descrip"] = b"covfast mask" if scale is None else b"covfast probability"
     payload = image.to_bytes()
     return igzip.compress(payload, compresslevel=_MASK_GZIP_LEVEL) if compress else payload
 
 
-def write_nifti_like(volume: Volume, canonical_mask: np.ndarray, path) -> None:
+def write_nifti_like(volume: Volume, canonical_mask: np.ndarray, path, scale: float | None = None) -> None:
     """Write a mask as a uint8 NIfTI with the input's exact grid, atomically.
 
     The output has the input's source shape, affine, qform and sform matrices and codes (for DICOM input the
@@ -253,9 +257,10 @@ def write_nifti_like(volume: Volume, canonical_mask: np.ndarray, path) -> None:
         volume: the input volume.
         canonical_mask: [D, H, W] integer labels (0..255) in canonical orientation.
         path: output file (``.nii`` or ``.nii.gz``); its folder must exist.
+        scale: scl_slope of quantised real values (see :func:`nifti_bytes_like`); None for labels.
 
     Raises:
         OutputError: the file cannot be written (nothing partial is left).
     """
-    payload = nifti_bytes_like(volume, canonical_mask, compress=str(path).endswith(".gz"))
+    payload = nifti_bytes_like(volume, canonical_mask, compress=str(path).endswith(".gz"), scale=scale)
     atomic_write(path, lambda file: file.write(payload))

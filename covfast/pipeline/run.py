@@ -55,8 +55,10 @@ class Result:
     def percent_infected(self) -> float | None:
         return self.report["percent_infected"]["volumetric"]
 
-    def save(self, out_dir, preview: bool = True) -> Path:
-        """Write report.json, lung_mask.nii.gz, infection_mask.nii.gz and preview.png into ``out_dir``.
+    def save(self, out_dir, preview: bool = True, probabilities: bool = False) -> Path:
+        """Write report.json, lung_mask.nii.gz, infection_mask.nii.gz and preview.png into ``out_dir``, and with
+        ``probabilities`` the infection probability as infection_prob.nii.gz (uint8 p x 255, scl_slope 1/255, on
+        the input's grid; only when a network ran).
 
         All files are written into a temporary sibling folder that replaces ``out_dir`` only when every file is
         complete, so a failed or interrupted run leaves no partial output.
@@ -78,6 +80,10 @@ class Result:
                 if self.infection_mask is not None:
                     write_nifti_like(self.volume, self.infection_mask, staging / "infection_mask.nii.gz")
                     outputs["infection_mask"] = "infection_mask.nii.gz"
+                if probabilities and self.infection_prob is not None:
+                    quantised = np.rint(np.clip(self.infection_prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+                    write_nifti_like(self.volume, quantised, staging / "infection_prob.nii.gz", scale=1.0 / 255.0)
+                    outputs["infection_prob"] = "infection_prob.nii.gz"
             if preview:
                 with _timed(timings, "preview"):
                     (staging / "preview.png").write_bytes(self._preview_png())
@@ -107,7 +113,7 @@ class Result:
                 f"{report['infected_volume_ml']['total']:.1f} mL = {pct:.1f} % -> {report['severity']['ct_class']}"
             )
         diagnosis = report.get("diagnosis")
-        if diagnosis:
+        if diagnosis and diagnosis["probs"]:
             probs = ", ".join(f"{name} {p:.2f}" for name, p in diagnosis["probs"].items())
             summary += f"; Affinity diagnosis (experimental): {diagnosis['label']} ({probs})"
         return render_preview(
