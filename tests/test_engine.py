@@ -137,6 +137,17 @@ def test_onnxruntime_matches_torch_single_class(infnet_onnx, batch_size):
         assert _dice(got > threshold, expected > threshold) > 0.999
 
 
+def test_onnx_export_of_the_fine_stage_matches_torch(tmp_path):
+    """The stride-4 reverse-attention stage (``InfNet(fine=True)``) exports with standard ops and runs the same."""
+    torch.manual_seed(4)
+    model = _randomize_batch_norm(InfNet(widths=TINY_WIDTHS, ch=8, ra_ch=8, fine=True), seed=5)
+    exported = export_onnx(model, tmp_path / "fine.onnx", model_sha256=weights_sha256(model), arch="infnet")
+    assert {node.domain for node in onnx.load(exported["path"]).graph.node} <= {"", "ai.onnx"}
+    batch = np.random.default_rng(7).standard_normal((2, 1, SIZE, SIZE)).astype(np.float32)
+    got, expected = _parity(OnnxRuntimeEngine(exported["path"]), model, batch)
+    assert np.abs(got - expected).max() < 1e-4
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_onnxruntime_matches_torch_multiclass(multiclass_build, batch_size):
     model, _, result = multiclass_build

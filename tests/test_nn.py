@@ -54,6 +54,22 @@ def test_infnet_side_outputs_refine_coarse_to_fine():
     assert out.prediction is out.side[-1]
 
 
+def test_infnet_fine_stage_predicts_at_stride_4():
+    """``fine``: a fourth side output S_2 whose logits vary within 4 x 4 blocks (S_3 is bilinear from /8), trained
+    like the others; a network without it has no ``ra_fine`` weights, so older files load unchanged."""
+    torch.manual_seed(0)
+    coarse, fine = InfNet(widths=(8, 8, 16, 16), ch=8, ra_ch=8), InfNet(widths=(8, 8, 16, 16), ch=8, ra_ch=8, fine=True)
+    assert not any(name.startswith("ra_fine") for name in coarse.state_dict())
+    missing, unexpected = fine.load_state_dict(coarse.state_dict(), strict=False)
+    assert all(name.startswith("ra_fine") for name in missing) and missing and not unexpected
+    out = fine.eval()(torch.randn(1, 1, 64, 64))
+    assert len(out.side) == 4 and out.prediction is out.side[-1] and out.prediction.shape[-2:] == (64, 64)
+    assert not torch.allclose(out.side[-1], out.side[-2])
+    out = fine.train()(torch.randn(2, 1, 64, 64))
+    out.prediction.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fine.ra_fine.parameters())
+
+
 def test_parameter_budget():
     assert count_parameters(InfNet()) <= 8_000_000
     assert count_parameters(ResUNet(in_ch=2, out_ch=3)) <= 8_000_000

@@ -7,6 +7,8 @@ Structure (strides relative to the input slice):
     reverse attention at three levels, coarse to fine, R_i = Concat(f_i, Down(e_att)) * A_i with
     A_i = expand(1 - sigmoid(Upsample(S_{i+1}))), each refining the previous map into a side output
     S_5 (/32), S_4 (/16), S_3 (/8); S_6 = S_g. The prediction is S_3.
+With ``fine=True`` (covfast's extension, not in the paper) a fourth reverse-attention stage on f1 and e_att refines
+S_3 into S_2 at /4, which is then the prediction: the paper's S_3 is upsampled 8x, which blurs lesion borders.
 The weighting step (resize of the edge features, concatenation and the reverse-attention gate in one pass) is the
 custom op ``covfast.ops.reverse_attention_concat``.
 """
@@ -30,7 +32,7 @@ class InfNetOutput:
 
     Attributes:
         global_map: S_g from the parallel partial decoder.
-        side: side outputs (S_5, S_4, S_3), coarse to fine.
+        side: side outputs (S_5, S_4, S_3, and S_2 with ``fine``), coarse to fine.
         edge: edge-attention edge map.
         features: the backbone's stride-8 features f2 [B, widths[1], H/8, W/8], which the diagnosis stage pools its
             lesion RoIs from (:class:`covfast.pipeline.diagnosis.RoiFeatures`); not a logit map.
@@ -144,15 +146,27 @@ class InfNet(nn.Module):
         widths: backbone stage widths.
         ch: channels of the receptive-field features and of the edge features.
         ra_ch: channels inside each reverse-attention stage.
+        fine: add the stride-4 reverse-attention stage S_2 on f1 (see the module docstring).
+        fine_ch: channels inside that stage.
     """
 
-    def __init__(self, in_ch: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256), ch: int = 32, ra_ch: int = 64):
+    def __init__(
+        self,
+        in_ch: int = 1,
+        widths: tuple[int, ...] = (32, 64, 128, 256),
+        ch: int = 32,
+        ra_ch: int = 64,
+        fine: bool = False,
+        fine_ch: int = 32,
+    ):
         super().__init__()
         self.backbone = ResNetBackbone(in_ch, widths)
         self.edge = EdgeAttention(widths[0], ch)
         self.rf2, self.rf3, self.rf4 = (ReceptiveField(w, ch) for w in widths[1:])
         self.ppd = PartialDecoder(ch)
         self.ra = nn.ModuleList(ReverseAttentionStage(w, ch, ra_ch) for w in reversed(widths[1:]))
+        # Registered only when used, so the weights of networks without it load unchanged.
+        self.ra_fine = ReverseAttentionStage(widths[0], ch, fine_ch) if fine else None
 
     def forward(self, x: torch.Tensor) -> InfNetOutput:
         """x: [B, in_ch, H, W] float32 (H, W multiples of 32) -> :class:`InfNetOutput` logits at [H, W]."""
@@ -164,6 +178,8 @@ class InfNet(nn.Module):
         for stage, feat in zip(self.ra, (f4, f3, f2)):
             coarse = stage(feat, e_att, coarse)
             sides.append(coarse)
+        if self.ra_fine is not None:
+            sides.append(self.ra_fine(f1, e_att, coarse))
         size = x.shape[-2:]
 
         def full(logits):
