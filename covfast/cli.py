@@ -235,7 +235,8 @@ def cmd_infer(args) -> int:
     names = [_output_name(path, taken) for path in inputs]
     slices = [_SliceProgress(name, disable=args.quiet) for name in names]
     options = {"series": args.series, "device": device, "batch_size": args.batch_size,
-               "preview": not args.no_preview, "save_probabilities": args.save_probabilities, "engine": args.engine, "precision": args.precision, "tta": args.tta}
+               "preview": not args.no_preview, "save_probabilities": args.save_probabilities,
+               "engine": args.engine, "precision": args.precision, "tta": args.tta}
     if args.infection_mask:
         outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]
     else:

@@ -278,12 +278,11 @@ def _pairs(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     if not masks_dir.is_dir():
         raise InputError(masks_dir, "not a folder of masks")
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    masks: dict[str, Path] = {}
     # One mask per name; a PNG wins over a lossy or other format of the same name.
-    for mask in sorted(masks_dir.iterdir(), key=lambda p: MASK_SUFFIXES.index(p.suffix.lower())
-                       if p.suffix.lower() in MASK_SUFFIXES else len(MASK_SUFFIXES)):
-        if mask.suffix.lower() in MASK_SUFFIXES:
-            masks.setdefault(mask.stem, mask)
+    candidates = [p for p in masks_dir.iterdir() if p.suffix.lower() in MASK_SUFFIXES]
+    masks: dict[str, Path] = {}
+    for mask in sorted(candidates, key=lambda p: MASK_SUFFIXES.index(p.suffix.lower())):
+        masks.setdefault(mask.stem, mask)
     pairs = [(img, masks[img.stem]) for img in images if img.stem in masks]
     if not pairs:
         raise InputError(images_dir, f"no image has a mask of the same name in {masks_dir}")

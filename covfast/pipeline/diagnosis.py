@@ -173,7 +173,7 @@ def aggregate(slice_probs: np.ndarray) -> dict:
     if not len(slice_probs):
         return {"label": None, "probs": None, "rule": RULE, "abnormal_slices": 0}
     normal = CLASSES.index("normal")
-    abnormal = slice_probs[:, normal] < 0.5 if len(slice_probs) else np.zeros(0, dtype=bool)
+    abnormal = slice_probs[:, normal] < 0.5
     needed = max(MIN_ABNORMAL_SLICES, int(np.ceil(MIN_ABNORMAL_FRACTION * len(slice_probs))))
     if abnormal.sum() < needed:
         label = "normal"

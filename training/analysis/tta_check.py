@@ -6,8 +6,9 @@ import torch
 
 from covfast.evaluate import summarize
 from covfast.nn import load_model
+from training.analysis.ensemble_check import flip_probs
 from training.data import cv_folds, load_labelled
-from training.loops import predict, score
+from training.loops import score
 
 torch.set_num_threads(1)
 data = "../shared/data/infnet-semiseg"
@@ -18,11 +19,9 @@ for spec in sys.argv[1:]:
     fold = int(fold)
     val = labelled.subset(cv_folds(len(labelled.names), 5, 0)[fold])
     model = load_model(path)
-    with torch.no_grad():
-        p = predict(model, val.images, "infection")
-        pf = predict(model, val.images.flip(-1), "infection").flip(-1)
-        pv = predict(model, val.images.flip(-2), "infection").flip(-2)
-    for name, probs in (("plain", p), ("hflip", (p + pf) / 2), ("hvflip", (p + pf + pv) / 3)):
+    passes = {name: flip_probs(model, val.images, tta) for name, tta in (("plain", "none"), ("hflip", "h"),
+                                                                             ("hvflip", "hv"))}
+    for name, probs in passes.items():
         s = summarize(score(probs, val.native_targets, val.names, "infection"))
         out.setdefault(name, []).extend(score(probs, val.native_targets, val.names, "infection"))
         print(
