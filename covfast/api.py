@@ -39,6 +39,7 @@ def infer(
     engine: str = "auto",
     precision: str | None = None,
     tta: str | None = None,
+    ensemble: bool = True,
 ):
     """Quantify COVID-19 infection in one chest CT volume.
 
@@ -64,6 +65,8 @@ def infer(
         tta: test-time augmentation of the infection networks: None (the default,
             :data:`covfast.pipeline.infection.DEFAULT_TTA`, ``h``), ``none``, ``h`` (also the horizontally flipped slice) or
             ``hv`` (also the vertically flipped one); the probabilities are averaged.
+        ensemble: average the installed U-Net partner's infection probability into the Inf-Net's (the default);
+            False runs the Inf-Net alone (faster, lower Dice; see :mod:`covfast.pipeline.infection`).
 
     Returns:
         :class:`covfast.pipeline.run.Result`; ``result.report`` is what report.json holds.
@@ -97,6 +100,7 @@ def infer(
         engine=engine,
         precision=precision,
         tta=tta,
+        ensemble=ensemble,
     )
     if out_dir is not None:
         result.save(Path(out_dir), preview=preview, probabilities=save_probabilities)
@@ -132,6 +136,7 @@ def infer_many(
     engine: str = "auto",
     precision: str | None = None,
     tta: str | None = None,
+    ensemble: bool = True,
     progress: Callable[[int], Callable[[int, int], None] | None] | None = None,
 ) -> Iterator[tuple[int, object]]:
     """Run :func:`infer` on several volumes, overlapping file reading and writing with the computation.
@@ -146,7 +151,8 @@ def infer_many(
         paths: inputs (``.nii``/``.nii.gz`` files or DICOM series folders).
         out_dirs: output folder of each input, same length as ``paths``.
         series: SeriesInstanceUID to take from DICOM folders holding several series.
-        device, batch_size, preview, save_probabilities, rules, engine, precision, tta: as for :func:`infer`.
+        device, batch_size, preview, save_probabilities, rules, engine, precision, tta, ensemble: as for
+            :func:`infer`.
         progress: optional callable(index) -> callable(n_done, n_total) (or None), the infection network's progress
             callback for input ``index``.
 
@@ -171,7 +177,7 @@ def infer_many(
                 volume, timings = loaded.result()
                 outcome = analyze(volume, device=device, batch_size=batch_size, rules=rules, timings=timings,
                                   progress=progress(index) if progress else None, engine=engine,
-                                  precision=precision, tta=tta)
+                                  precision=precision, tta=tta, ensemble=ensemble)
             except CovfastError as exc:
                 outcome = exc
             if writing is not None:

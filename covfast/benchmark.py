@@ -64,6 +64,7 @@ def run_benchmark(
     command: str | None = None,
     precision: str | None = None,
     tta: str | None = None,
+    ensemble: bool = True,
 ) -> dict:
     """Time the whole pipeline on ``path``: one warm-up run, then ``runs`` timed runs.
 
@@ -76,6 +77,7 @@ def run_benchmark(
         command: the command line to record (default: this process's ``sys.argv``).
         precision: network precision (see :func:`covfast.infer`).
         tta: test-time augmentation (see :func:`covfast.infer`).
+        ensemble: run the U-Net partner beside the Inf-Net when installed (see :func:`covfast.infer`).
 
     Returns:
         dict with ``input`` (path, shape), ``runs``, ``stages`` (per stage and ``end_to_end``: ``median_s``,
@@ -103,7 +105,7 @@ def run_benchmark(
         for run in range(runs + 1):
             start = time.perf_counter()
             result = infer(path, out_dir=Path(scratch) / "out", device=device, engine=engine, batch_size=batch_size,
-                           precision=precision, tta=tta)
+                           precision=precision, tta=tta, ensemble=ensemble)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds = _stage_seconds(result.report["timings_s"], time.perf_counter() - start)

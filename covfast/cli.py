@@ -20,6 +20,8 @@ PRECISION_CHOICES = ("fp32", "fp16", "bf16")  # covfast.engine.runtime.PRECISION
 TTA_CHOICES = ("none", "h", "hv")  # covfast.pipeline.infection.TTA_CHOICES
 TTA_HELP = ("test-time augmentation of the infection networks: also run each slice flipped horizontally (h) or "
             "horizontally and vertically (hv) and average (default: h)")
+NO_ENSEMBLE_HELP = ("run the Inf-Net alone instead of averaging it with the installed U-Net partner (fewer network "
+                    "passes, lower Dice)")
 
 INFER_EXAMPLE = """example:
   covfast infer scan.nii.gz -o out/          # writes out/scan/{report.json,lung_mask.nii.gz,infection_mask.nii.gz,preview.png}
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "torch under autocast (onnxruntime is fp32 only, so --engine auto then uses torch)",
     )
     infer.add_argument("--tta", choices=TTA_CHOICES, help=TTA_HELP)
+    infer.add_argument("--no-ensemble", action="store_true", help=NO_ENSEMBLE_HELP)
     infer.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
     infer.add_argument(
         "--infection-mask",
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine", choices=ENGINE_CHOICES, default="auto")
     bench.add_argument("--precision", choices=PRECISION_CHOICES, help="as for covfast infer")
     bench.add_argument("--tta", choices=TTA_CHOICES, help="as for covfast infer")
+    bench.add_argument("--no-ensemble", action="store_true", help="as for covfast infer")
     bench.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.set_defaults(func=cmd_benchmark)
@@ -143,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", metavar="FILE", help="write the scores as JSON")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--tta", choices=TTA_CHOICES, help=TTA_HELP)
+    evaluate.add_argument("--no-ensemble", action="store_true", help=NO_ENSEMBLE_HELP)
     evaluate.add_argument("--weights", metavar="DIR",
                           help="folder of weights with their model cards to score (default: the installed models)")
     evaluate.set_defaults(func=cmd_evaluate_slices)
@@ -200,7 +205,7 @@ class _SliceProgress:
             self.bar = None
 
 
-def _load_engines(engine: str, device: str, precision: str | None) -> None:
+def _load_engines(engine: str, device: str, precision: str | None, ensemble: bool = True) -> None:
     """Choose and load the infection networks' engines before any input is read, so that an unavailable
     ``--engine onnx`` or ``tensorrt`` is one usage error (exit 2) with nothing written (``auto`` and ``torch`` always
     find an engine); without installed weights the pipeline notes it."""
@@ -208,7 +213,7 @@ def _load_engines(engine: str, device: str, precision: str | None) -> None:
     from covfast.pipeline.infection import infection_engines
 
     try:
-        infection_engines(engine, device, precision=precision)
+        infection_engines(engine, device, precision=precision, ensemble=ensemble)
     except ModelNotInstalledError:
         pass
 
@@ -230,13 +235,13 @@ def cmd_infer(args) -> int:
     inputs = find_inputs(args.inputs)
     _show_progress_messages(not args.quiet)
     if (args.engine in ("onnx", "tensorrt") or args.precision) and not args.infection_mask:
-        _load_engines(args.engine, device, args.precision)
+        _load_engines(args.engine, device, args.precision, not args.no_ensemble)
     taken: set[str] = set()
     names = [_output_name(path, taken) for path in inputs]
     slices = [_SliceProgress(name, disable=args.quiet) for name in names]
     options = {"series": args.series, "device": device, "batch_size": args.batch_size,
                "preview": not args.no_preview, "save_probabilities": args.save_probabilities,
-               "engine": args.engine, "precision": args.precision, "tta": args.tta}
+               "engine": args.engine, "precision": args.precision, "tta": args.tta, "ensemble": not args.no_ensemble}
     if args.infection_mask:
         outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]
     else:
@@ -299,7 +304,8 @@ def cmd_benchmark(args) -> int:
 
     command = shlex.join(["covfast", *(args.argv if args.argv is not None else sys.argv[1:])])
     result = run_benchmark(args.input or sample_path(), runs=args.runs, device=args.device, engine=args.engine,
-                           batch_size=args.batch_size, command=command, precision=args.precision, tta=args.tta)
+                           batch_size=args.batch_size, command=command, precision=args.precision, tta=args.tta,
+                           ensemble=not args.no_ensemble)
     print(format_benchmark(result))
     if args.json:
         from covfast.io.atomic import atomic_write
@@ -320,7 +326,7 @@ def cmd_evaluate_slices(args) -> int:
             raise UsageError(f"{flag} {folder}: not a folder")
     scores = evaluate_slices(
         args.images, args.masks, task=args.task, json_path=args.json, device=resolve_device(args.device),
-        weights_dir=args.weights, tta=args.tta,
+        weights_dir=args.weights, tta=args.tta, ensemble=not args.no_ensemble,
     )
     summary = {k: v for k, v in scores.items() if k not in ("per_image",)}
     print(json.dumps(summary, indent=2))

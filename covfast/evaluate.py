@@ -297,6 +297,7 @@ def evaluate_slices(
     device: str = "cpu",
     weights_dir=None,
     tta: str | None = None,
+    ensemble: bool = True,
 ) -> dict:
     """Run the installed models on 2D slices and score them against masks.
 
@@ -311,6 +312,8 @@ def evaluate_slices(
         weights_dir: folder of weights and model cards to score (default: the installed ones).
         tta: test-time augmentation of the networks (:data:`covfast.pipeline.infection.TTA_CHOICES`; None: the
             pipeline's default), recorded in the result as ``tta``.
+        ensemble: average the installed U-Net partner's probability into the Inf-Net's (the pipeline's default);
+            the models that ran are listed under ``models``.
 
     Returns:
         ``{"task", "n_images", "models", <summary>, "per_image": [...]}``. For "infection" the summary keys
@@ -324,12 +327,12 @@ def evaluate_slices(
     if task == "instances":
         from covfast.instances import evaluate_instances
 
-        return evaluate_instances(images_dir, masks_dir, json_path, device, weights_dir, tta)
+        return evaluate_instances(images_dir, masks_dir, json_path, device, weights_dir, tta, ensemble)
     if task not in ("infection", "multiclass"):
         raise UsageError(f"unknown task {task!r}; use infection, multiclass or instances")
     tta = check_tta(tta)
     pairs = _pairs(Path(images_dir), Path(masks_dir))
-    models = load_models(device, multiclass=task == "multiclass", weights_dir=weights_dir)
+    models = load_models(device, multiclass=task == "multiclass", weights_dir=weights_dir, ensemble=ensemble)
     if task == "multiclass" and MULTI_CLASS not in models:
         raise ModelNotInstalledError(f"no multi-class model installed ({MULTI_CLASS}.safetensors)")
     per_image = []

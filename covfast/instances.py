@@ -127,9 +127,11 @@ def slice_ap(pred: list[Instance], truth: list[Instance], thresholds: np.ndarray
 
 
 def evaluate_instances(
-    images_dir, masks_dir, json_path=None, device: str = "cpu", weights_dir=None, tta: str | None = None
+    images_dir, masks_dir, json_path=None, device: str = "cpu", weights_dir=None, tta: str | None = None,
+    ensemble: bool = True,
 ) -> dict:
-    """Lesion-instance AP of the shipped single-class Inf-Net on 2D slices.
+    """Lesion-instance AP of the shipped single-class infection probability (the Inf-Net's, averaged with the U-Net
+    partner's when installed and ``ensemble``) on 2D slices.
 
     Args:
         images_dir: folder of 8-bit grey slices (JPG/PNG) laid out like COVID-SemiSeg ``Imgs``.
@@ -138,6 +140,7 @@ def evaluate_instances(
         device: torch device for the model.
         weights_dir: folder of weights and model cards to score (default: the installed ones).
         tta: test-time augmentation of the network (as for :func:`covfast.evaluate.evaluate_slices`).
+        ensemble: as for :func:`covfast.evaluate.evaluate_slices`.
 
     Returns:
         ``{"task": "instances", "n_images", "models", "ap50", "ap75", "map", "ci95", "per_image"}``: the three
@@ -150,7 +153,8 @@ def evaluate_instances(
 
     tta = check_tta(tta)
     pairs = _pairs(Path(images_dir), Path(masks_dir))
-    models = load_models(device, multiclass=False, weights_dir=WEIGHTS_DIR if weights_dir is None else weights_dir)
+    models = load_models(device, multiclass=False, weights_dir=WEIGHTS_DIR if weights_dir is None else weights_dir,
+                         ensemble=ensemble)
     per_image = []
     for image_path, mask_path in pairs:
         image = _read_gray(image_path)

@@ -153,17 +153,18 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
     from covfast.pipeline.infection import installed_models
 
     names = {card["name"] for card in installed_models()}
-    if not {"infnet", "infnet_multiclass", "affinity"} <= names:
+    if not {"infnet", "infection_unet", "infnet_multiclass", "affinity"} <= names:
         pytest.skip(f"shipped weights missing: {names}")
     out = tmp_path / "out"
     assert main(["infer", str(sample_path()), "-o", str(out), "--device", "cpu", "-q", "--no-preview"]) == 0
     folder = out / "sample_ct"
     report = json.loads((folder / "report.json").read_text())
-    assert [m["name"] for m in report["models"]] == ["infnet", "infnet_multiclass", "affinity"]
+    assert [m["name"] for m in report["models"]] == ["infnet", "infection_unet", "infnet_multiclass", "affinity"]
+    assert report["infection_source"]["models"] == ["infnet", "infection_unet", "infnet_multiclass"]
     # --engine auto on a CPU: TensorRT and torch-cuda are passed over with their reasons, then onnxruntime if
     # installed, else torch on the CPU.
     expected_engine = "onnxruntime-cpu" if importlib.util.find_spec("onnxruntime") else "torch-cpu"
-    assert list(report["engine"]) == ["infnet", "infnet_multiclass"]
+    assert list(report["engine"]) == ["infnet", "infection_unet", "infnet_multiclass"]
     for used in report["engine"].values():
         assert used["engine"] == expected_engine
         assert [s["engine"] for s in used["skipped"]][:2] == ["tensorrt", "torch-cuda"]
@@ -297,6 +298,25 @@ def test_scan_covering_little_lung_gets_a_note(tmp_path, capsys):
     assert 0 < lung < 500
     assert f"only {lung:.0f} mL of lung found" in " ".join(report["notes"])
     assert report["percent_infected"]["volumetric"] is not None
+
+
+def test_no_ensemble_runs_the_infnet_alone(tmp_path):
+    """--no-ensemble leaves the U-Net partner out: the report lists the Inf-Net alone and the infected volume differs
+    from the ensemble's; the slice diagnosis, which reads the Inf-Net's own probability either way, does not."""
+    from covfast.pipeline.infection import PARTNER, installed_models
+
+    if PARTNER not in {card["name"] for card in installed_models()}:
+        pytest.skip("the U-Net partner is not installed")
+    path = _slab(tmp_path, 6)
+    args = ["infer", str(path), "--device", "cpu", "-q", "--no-preview", "--tta", "none"]
+    assert main(args + ["-o", str(tmp_path / "both")]) == 0
+    assert main(args + ["-o", str(tmp_path / "alone"), "--no-ensemble"]) == 0
+    both = _strict_json(tmp_path / "both" / "slab" / "report.json")
+    alone = _strict_json(tmp_path / "alone" / "slab" / "report.json")
+    assert PARTNER in both["infection_source"]["models"] and PARTNER not in alone["infection_source"]["models"]
+    assert both["infected_volume_ml"]["soft"] != alone["infected_volume_ml"]["soft"]
+    assert alone["diagnosis"]["probs"] == pytest.approx(both["diagnosis"]["probs"], abs=1e-6)
+    assert [s["class_probs"] for s in alone["slices"]] == [s["class_probs"] for s in both["slices"]]
 
 
 def test_save_probabilities_writes_the_soft_map_on_the_input_grid(tmp_path):

@@ -153,8 +153,10 @@ def test_evaluate_slices_known_dice(tmp_path):
 
     copy = tmp_path / "weights"
     copy.mkdir()
-    for name in ("infnet.safetensors", "infnet.json"):
-        shutil.copy(WEIGHTS.parent / name, copy / name)
+    for name in ("infnet", "infection_unet"):
+        for suffix in (".safetensors", ".json"):
+            if (WEIGHTS.parent / f"{name}{suffix}").exists():
+                shutil.copy(WEIGHTS.parent / f"{name}{suffix}", copy / f"{name}{suffix}")
     again = evaluate_slices(images, masks, task="infection", weights_dir=copy)
     assert [e["dice"] for e in again["per_image"]] == [e["dice"] for e in result["per_image"]]
     with pytest.raises(ModelNotInstalledError):

@@ -246,14 +246,42 @@ def test_multiclass_network_runs_only_on_slices_with_a_finding():
     labelled = np.random.default_rng(1).dirichlet(np.ones(3), size=(2, size, size)).transpose(0, 3, 1, 2)
     multi = _Recorder(labelled.astype(np.float32))
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 1, size, size)).astype(np.float32))
-    out_prob, class_prob, features = _run_networks([single.run_with_features, multi.run_tensor], x)
+    out_prob, class_prob, features, own = _run_networks(
+        {"infnet": single.run_with_features, "infnet_multiclass": multi.run_tensor}, x)
     assert features is None
     np.testing.assert_array_equal(out_prob.numpy(), prob)
+    assert own is out_prob  # no partner: the Inf-Net's probability is the stage's
     (batch,) = multi.batches
     assert batch.shape == (2, 2, size, size)
     torch.testing.assert_close(batch[:, 0], x[[0, 2], 0], rtol=0, atol=0)  # the slices, with their prior channel
     np.testing.assert_array_equal(class_prob[[0, 2]].numpy(), labelled.astype(np.float32))
     assert (class_prob[1, 0] == 1).all() and (class_prob[1, 1:] == 0).all()
+
+
+def test_partner_probability_is_averaged_before_the_multiclass_prior():
+    """With the U-Net partner the stage's probability is the mean of both networks', and the multi-class network's
+    prior and its skip rule read that mean: a slice only the partner marks at 1.0 reaches the 0.5 threshold."""
+    from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
+    from covfast.pipeline.infection import MULTI_CLASS, PARTNER, SINGLE_CLASS, _run_networks
+
+    size = 8
+    single_prob = np.zeros((2, 1, size, size), np.float32)
+    single_prob[0, 0, 1, 1] = 0.4
+    partner_prob = np.zeros_like(single_prob)
+    partner_prob[1, 0, 6, 6] = 1.0
+    partner_prob[0, 0, 1, 1] = 0.2
+    single, partner = _Recorder(single_prob), _Recorder(partner_prob)
+    multi = _Recorder(np.full((1, 3, size, size), 1 / 3, np.float32))
+    x = torch.zeros((2, 1, size, size))
+    prob, class_prob, _, own = _run_networks(
+        {SINGLE_CLASS: single.run_with_features, PARTNER: partner.run_tensor, MULTI_CLASS: multi.run_tensor}, x)
+    np.testing.assert_allclose(prob.numpy(), (single_prob + partner_prob) / 2)
+    np.testing.assert_array_equal(own.numpy(), single_prob)
+    assert prob[0, 0, 1, 1].item() == pytest.approx(0.3)
+    (batch,) = multi.batches  # only slice 1 reaches 0.5, through the partner
+    assert batch.shape == (1, 2, size, size)
+    torch.testing.assert_close(batch[0, 1], (prob[1, 0] - PIXEL_MEAN) / PIXEL_STD)
+    assert (class_prob[0, 0] == 1).all()
 
 
 @pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
@@ -377,7 +405,8 @@ def test_tta_runners_average_the_flipped_passes(tta):
     single, multi = _AsymmetricEngine(1), _AsymmetricEngine(3)
     x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
     flips = [(-1,)] + ([(-2,)] if tta == "hv" else [])
-    run_single, run_multi = _runners([single, multi], tta)
+    runners = _runners({"infnet": single, "infnet_multiclass": multi}, tta)
+    run_single, run_multi = runners["infnet"], runners["infnet_multiclass"]
     prob, features = run_single(x[:, :1])
     expected = single.run_tensor(x[:, :1]) + sum(single.run_tensor(x[:, :1].flip(d)).flip(d) for d in flips)
     torch.testing.assert_close(prob, expected / (len(flips) + 1))
@@ -385,8 +414,25 @@ def test_tta_runners_average_the_flipped_passes(tta):
     torch.testing.assert_close(features, x[:, :1, ::8, ::8] * 3)  # the unflipped pass's features
     expected = multi.run_tensor(x) + sum(multi.run_tensor(x.flip(d)).flip(d) for d in flips)
     torch.testing.assert_close(run_multi(x), expected / (len(flips) + 1))
-    plain = _runners([single, multi], "none")
-    assert plain[0].__self__ is single and plain[1].__self__ is multi  # no wrapper without TTA
+    plain = _runners({"infnet": single, "infnet_multiclass": multi}, "none")
+    torch.testing.assert_close(plain["infnet"](x[:, :1])[0], single.run_tensor(x[:, :1]))
+    torch.testing.assert_close(plain["infnet_multiclass"](x), multi.run_tensor(x))
+
+
+def test_partner_runs_with_its_own_tta(monkeypatch):
+    """The U-Net partner takes PARTNER_TTA's flips whatever ``tta`` says (None: it follows ``tta``)."""
+    from covfast.pipeline import infection
+    from covfast.pipeline.infection import PARTNER, SINGLE_CLASS, _runners
+
+    single, partner = _AsymmetricEngine(1), _AsymmetricEngine(1)
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    flipped = (partner.run_tensor(x) + partner.run_tensor(x.flip(-1)).flip(-1)) / 2
+    monkeypatch.setattr(infection, "PARTNER_TTA", "none")
+    runners = _runners({SINGLE_CLASS: single, PARTNER: partner}, "h")
+    torch.testing.assert_close(runners[PARTNER](x), partner.run_tensor(x))
+    assert not torch.allclose(runners[SINGLE_CLASS](x)[0], single.run_tensor(x))  # the Inf-Net still flips
+    monkeypatch.setattr(infection, "PARTNER_TTA", None)
+    torch.testing.assert_close(_runners({SINGLE_CLASS: single, PARTNER: partner}, "h")[PARTNER](x), flipped)
 
 
 @pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
@@ -396,7 +442,7 @@ def test_tta_on_the_shipped_model_is_the_mean_of_flipped_predictions(sample_slab
     hu, lung = sample_slab
     z, crop = lung_slices(lung)[2]
     view = slice_view(hu, z, crop)[None]
-    models = load_models("cpu", multiclass=False)
+    models = load_models("cpu", multiclass=False, ensemble=False)  # the Inf-Net's flips (the partner runs once)
     plain = predict_slices(models, view, tta="none")[0]
     flipped = predict_slices(models, np.ascontiguousarray(view[:, :, ::-1]), tta="none")[0][:, :, ::-1]
     both = predict_slices(models, view, tta="h")[0]
@@ -437,3 +483,51 @@ def test_drop_small_components_by_volume_with_26_connectivity():
     assert p[0, 0, 0] == pytest.approx(0.05)  # below threshold, untouched
     assert drop_small_components(m, p, spacing, 0.057) == 1 and not m.any()  # 28 voxels = 0.056 mL
     assert drop_small_components(m, p, spacing, 1.0) == 0
+
+
+def _install_partner(weights_dir: Path, seed: int = 3) -> None:
+    """A small single-class U-Net installed as the partner (weights + card) beside copies of the shipped Inf-Net."""
+    import shutil
+
+    from covfast.nn import build_model, save_model
+    from covfast.pipeline.infection import PARTNER, SINGLE_CLASS
+
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(WEIGHTS_DIR / f"{SINGLE_CLASS}{suffix}", weights_dir)
+    torch.manual_seed(seed)
+    config = {"in_ch": 1, "out_ch": 1, "base": 4}
+    sha = save_model(build_model("unet", **config).eval(), weights_dir / f"{PARTNER}.safetensors", "unet", config)
+    card = {"name": PARTNER, "task": "infection", "params": 1, "sha256": sha}
+    (weights_dir / f"{PARTNER}.json").write_text(json.dumps(card))
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_installed_partner_is_averaged_into_the_stage_probability(tmp_path, sample_slab, engine):
+    """With a partner installed the stage's probability is the mean of the Inf-Net's and the partner's on the same
+    inputs (ensemble=False: the Inf-Net's alone), through each engine; the model list names both."""
+    if engine == "onnx":
+        pytest.importorskip("onnxruntime")
+    from covfast.engine.runtime import TorchEngine
+    from covfast.pipeline.infection import PARTNER, SINGLE_CLASS, _resize, load_models, prepare_batch
+
+    _install_partner(tmp_path)
+    hu, lung = sample_slab
+    spacing = (2.0, 0.7, 0.7)
+    both = segment_infection(hu, lung, spacing, engine=engine, multiclass=False, weights_dir=tmp_path, tta="none")
+    alone = segment_infection(hu, lung, spacing, engine=engine, multiclass=False, weights_dir=tmp_path, tta="none",
+                              ensemble=False)
+    assert [m["name"] for m in both.models] == [SINGLE_CLASS, PARTNER]
+    assert [m["name"] for m in alone.models] == [SINGLE_CLASS]
+    work = lung_slices(lung)
+    partner = TorchEngine(load_models("cpu", multiclass=False, weights_dir=tmp_path)[PARTNER].model, "cpu")
+    partner_view = partner.run_tensor(prepare_batch(torch.from_numpy(hu), work))
+    partner_prob = np.zeros(hu.shape, np.float32)  # placed on the volume's grid as the stage places its own
+    for i, (z, (rows, cols)) in enumerate(work):
+        size = (cols.stop - cols.start, rows.stop - rows.start)
+        partner_prob[z, rows, cols] = _resize(partner_view[i : i + 1], size)[0, 0].T.numpy()
+    partner_prob[lung == 0] = 0
+    np.testing.assert_allclose(both.prob, (alone.prob + partner_prob) / 2, atol=2e-4)
+    assert np.abs(both.prob - alone.prob).max() > 1e-3
+    for z, _ in work:  # the diagnosis stage reads the Inf-Net's own probability either way
+        np.testing.assert_allclose(both.view_prob[z], alone.view_prob[z], atol=1e-5)

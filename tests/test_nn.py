@@ -16,6 +16,8 @@ MULTICLASS_WEIGHTS = WEIGHTS.with_name("infnet_multiclass.safetensors")
 
 # Shipped infnet on labelled slice 2.jpg (measured once with the committed weights, CPU, reference ops).
 GOLDEN = {"mean_prob": 0.008986, "dice": 0.9127, "mae": 0.002673}
+# The shipped ensemble (infnet + infection_unet, probabilities averaged, no flips) on the same slice.
+GOLDEN_ENSEMBLE = {"mean_prob": 0.015667, "dice": 0.9291, "mae": 0.009124}
 # Shipped infnet + infnet_multiclass on labelled slice 3.jpg (GGO and consolidation both present), measured likewise.
 GOLDEN_MULTICLASS = {
     "mean_class_prob": (0.748574, 0.135982, 0.115444),
@@ -116,13 +118,20 @@ def test_golden_output_on_real_slice():
     image = np.asarray(Image.open(LABELLED / "Imgs" / "2.jpg").convert("L"))
     truth = np.asarray(Image.open(LABELLED / "GT" / "2.png").convert("L")) > 127
     torch.manual_seed(0)
-    prob, _ = predict_slices(load_models("cpu", multiclass=False), image[None], tta="none")
+    prob, _ = predict_slices(load_models("cpu", multiclass=False, ensemble=False), image[None], tta="none")
     metrics = binary_metrics(prob[0], truth)
-    # Expected values measured with the committed weights (infnet sha256 in covfast/weights/infnet.json).
+    # Expected values measured with the committed weights (infnet sha256 in covfast/weights/infnet.json), the
+    # Inf-Net alone.
     assert prob.shape == (1, *image.shape)
     assert float(prob.mean()) == pytest.approx(GOLDEN["mean_prob"], abs=2e-4)
     assert metrics["dice"] == pytest.approx(GOLDEN["dice"], abs=2e-3)
     assert metrics["mae"] == pytest.approx(GOLDEN["mae"], abs=2e-4)
+    if (WEIGHTS.parent / "infection_unet.safetensors").exists():
+        prob, _ = predict_slices(load_models("cpu", multiclass=False), image[None], tta="none")
+        metrics = binary_metrics(prob[0], truth)
+        assert float(prob.mean()) == pytest.approx(GOLDEN_ENSEMBLE["mean_prob"], abs=2e-4)
+        assert metrics["dice"] == pytest.approx(GOLDEN_ENSEMBLE["dice"], abs=2e-3)
+        assert metrics["mae"] == pytest.approx(GOLDEN_ENSEMBLE["mae"], abs=2e-4)
 
 
 @pytest.mark.skipif(
@@ -136,8 +145,9 @@ def test_golden_multiclass_output_on_real_slice():
 
     image = np.asarray(Image.open(MULTICLASS / "Imgs" / "3.jpg").convert("L"))
     truth = np.asarray(Image.open(MULTICLASS / "GT" / "3.png"))
-    _, class_prob = predict_slices(load_models("cpu"), image[None], tta="none")
-    # Expected values measured with the committed weights (sha256 in covfast/weights/infnet*.json).
+    _, class_prob = predict_slices(load_models("cpu", ensemble=False), image[None], tta="none")
+    # Expected values measured with the committed weights (sha256 in covfast/weights/infnet*.json), the prior from
+    # the Inf-Net alone.
     assert class_prob.shape == (1, 3, *image.shape)
     np.testing.assert_allclose(class_prob[0].mean(axis=(1, 2)), GOLDEN_MULTICLASS["mean_class_prob"], atol=5e-4)
     metrics = multiclass_metrics(class_prob[0], truth)

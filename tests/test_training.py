@@ -244,6 +244,26 @@ def test_ship_fold_model_writes_a_card_with_its_validation(tmp_path):
     assert "P001" in card["data"] and card["training"]["fit_seconds"] == 3.0
 
 
+def test_ship_partner_card_keeps_the_ensembles_out_of_fold_scores(tmp_path):
+    from training.ship import ship
+
+    config = {"in_ch": 1, "out_ch": 1, "base": 4}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_model(build_model("unet", **config), run_dir / "final.safetensors", "unet", config)
+    recipe = {"model": {"arch": "unet", "config": config}}
+    (run_dir / "final.json").write_text(json.dumps({"recipe": recipe, "device": "cpu", "final_seconds": 5.0}))
+    check = {"folds": "0,1", "tta": "h", "models": {"infnet": "a{k}", "unet": "b{k}"}, "command": "python x",
+             "pooled": {"infnet": {"dice": 0.70}, "infnet+unet": {"dice": 0.72}, "infnet+unet@0.3": {"dice": 0.69}}}
+    (tmp_path / "ensemble.json").write_text(json.dumps(check))
+    card = ship(run_dir, "infection_unet", "infection", "cmd", tmp_path / "weights",
+                ensemble_check=tmp_path / "ensemble.json")
+    ensemble = card["validation"]["ensemble"]
+    assert ensemble["pooled"] == {"infnet": {"dice": 0.70}, "infnet+unet": {"dice": 0.72}}
+    assert ensemble["command"] == "python x" and ensemble["tta"] == "h"
+    assert card["architecture"]["arch"] == "unet" and (tmp_path / "weights" / "infection_unet.safetensors").exists()
+
+
 def test_fold_summary_pools_multiclass_folds(tmp_path):
     from covfast.evaluate import METRICS
     from training.ship import fold_summary

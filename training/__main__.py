@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--final", action="store_true", help="also fit on all labelled slices")
     ship = sub.add_parser("ship", help="install a run's final model into covfast/weights with its model card")
     ship.add_argument("run_dir", help="run folder holding final.safetensors, final.json and cv.json")
-    ship.add_argument("--name", required=True, help="installed name: infnet or infnet_multiclass")
+    ship.add_argument("--name", required=True, help="installed name: infnet, infection_unet (the partner) or infnet_multiclass")
     ship.add_argument("--task", choices=("infection", "multiclass"), required=True)
     ship.add_argument("--train-command", required=True, help="the command that trained the run (kept in the card)")
     ship.add_argument("--model", default="final", help="final (all labelled slices) or fold<k> (fold k held out)")
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument(
         "--cv-run", action="append", default=[], help="run folder whose fold<k>.json scores go into the card (repeat)"
     )
+    ship.add_argument("--ensemble-check", help="ensemble_check.py --json output kept in the card (ensemble members)")
     ship.add_argument("--dest", help="install into this folder instead of covfast/weights (to check a candidate)")
     score = sub.add_parser("score", help="score a single-class model file on one CV fold of the labelled slices")
     score.add_argument("model", help="a .safetensors model file")
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
         dest = Path(args.dest) if args.dest else WEIGHTS
         card = ship(
-            args.run_dir, args.name, args.task, args.train_command, dest, args.model, args.volume_check, args.cv_run
+            args.run_dir, args.name, args.task, args.train_command, dest, args.model, args.volume_check, args.cv_run,
+            args.ensemble_check,
         )
         print(f"{card['name']}: {card['params']} parameters, sha256 {card['sha256']}")
         return 0

@@ -68,11 +68,13 @@ def fold_summary(run_dir: str | Path, task: str) -> dict | None:
 
 
 def _validation(
-    run_dir: Path, model: str, volume_check: str | Path | None, task: str = "infection", cv_runs: tuple = ()
+    run_dir: Path, model: str, volume_check: str | Path | None, task: str = "infection", cv_runs: tuple = (),
+    ensemble_check: str | Path | None = None,
 ) -> dict:
     """The card's validation block: 5-fold CV (``cv.json``) for a final fit, the held-out fold for a fold model,
     the pooled folds of each of ``cv_runs`` (e.g. an earlier run of the recipe), plus the per-case slice flags of a
-    ``check-volumes`` summary when given."""
+    ``check-volumes`` summary and the out-of-fold ensemble scores of ``training/analysis/ensemble_check.py --json``
+    when given."""
     if model.startswith("fold"):
         fold = json.loads((run_dir / f"{model}.json").read_text())
         validation = {
@@ -94,6 +96,19 @@ def _validation(
             validation = {"protocol": "no complete 5-fold cross-validation of this run; see cv_runs", "metrics": None}
     if cv_runs:
         validation["cv_runs"] = [fold_summary(run, task) for run in cv_runs]
+    if ensemble_check is not None:
+        found = json.loads(Path(ensemble_check).read_text())
+        validation["ensemble"] = {
+            "protocol": "mean probability of models trained on the same CV folds, each scored on its own fold's "
+            "held-out slices (out of fold, pooled over the folds); thresholds other than 0.5 left out",
+            "command": found.get("command"),
+            "folds": found["folds"],
+            "tta": found["tta"],
+            "tta_of": found.get("tta_of", {}),
+            "models": found["models"],
+            "pooled": {name: scores for name, scores in found["pooled"].items() if "@" not in name},
+            "paired_dice": found.get("paired", {}),
+        }
     if volume_check is not None:
         summary = json.loads(Path(volume_check).read_text())
         validation["covid_ct_md_slice_flags"] = {
@@ -113,6 +128,7 @@ def ship(
     model: str = "final",
     volume_check: str | Path | None = None,
     cv_runs: tuple[str | Path, ...] = (),
+    ensemble_check: str | Path | None = None,
 ) -> dict:
     """Copy ``run_dir/<model>.safetensors`` to ``weights_dir/<name>.safetensors`` and write ``<name>.json``.
 
@@ -127,6 +143,8 @@ def ship(
         volume_check: optional ``volumes.json`` of ``python -m training check-volumes`` for this model.
         cv_runs: run folders whose ``fold<k>.json`` results are pooled into the card (:func:`fold_summary`), for
             a final fit validated by cross-validation runs made elsewhere or with a partly different recipe.
+        ensemble_check: optional ``--json`` output of ``training/analysis/ensemble_check.py`` for a model shipped as
+            an ensemble member (the out-of-fold scores of the ensemble it joins).
 
     Returns:
         the model card.
@@ -155,7 +173,7 @@ def ship(
         "recipe": final["recipe"],
         "command": command,
         "training": {"device": final.get("device"), "fit_seconds": final.get("final_seconds", final.get("seconds"))},
-        "validation": _validation(run_dir, model, volume_check, task, cv_runs),
+        "validation": _validation(run_dir, model, volume_check, task, cv_runs, ensemble_check),
         "sha256": sha256_file(dest),
     }
     (weights_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")

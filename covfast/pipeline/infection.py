@@ -18,6 +18,12 @@ zero volume, so the output has the input's full grid.
 With test-time augmentation (``tta``, :data:`TTA_CHOICES`) the networks also run on flipped copies of each batch
 and the probabilities are averaged.
 
+Ensemble: when the single-class U-Net (:data:`PARTNER`) is installed, it runs on the same inputs and its probability is
+averaged with the Inf-Net's; that mean is the stage's infection probability and the multi-class network's prior. The
+diagnosis stage keeps reading the Inf-Net's own probability (``InfectionResult.view_prob``), the input its head was
+trained and validated on. Out of fold on the 50 labelled slices the mean scored Dice@0.5 0.727 against
+the Inf-Net's 0.708 and the U-Net's 0.717 (training/RESULTS.md, session 7).
+
 The networks run through the inference engines of :mod:`covfast.engine` (TensorRT, torch, onnxruntime), chosen once
 per process by :func:`covfast.engine.select_engine`; every engine runs the same probability graph.
 """
@@ -40,6 +46,7 @@ from covfast.pipeline.severity import PROBABILITY_THRESHOLD
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SINGLE_CLASS = "infnet"
+PARTNER = "infection_unet"
 MULTI_CLASS = "infnet_multiclass"
 HU_WINDOW = (-1000.0, 200.0)
 CROP_MARGIN = 0.08
@@ -57,6 +64,10 @@ TTA_CHOICES = tuple(_TTA_FLIPS)
 # every fold, 0.699 -> 0.708 pooled ("hv" 0.714), for one extra pass per network; "hv" would put a P001-sized volume
 # over the 15 s CPU budget (training/RESULTS.md, session 4).
 DEFAULT_TTA = "h"
+# The U-Net partner's own test-time augmentation, whatever ``tta`` is (None: follow ``tta``). One pass: it costs 3.48
+# GMAC a slice against the Inf-Net's 1.13, and out of fold its flipped pass added 0.002 Dice to the ensemble
+# (training/RESULTS.md, session 8).
+PARTNER_TTA: str | None = "none"
 
 
 @dataclass
@@ -79,16 +90,17 @@ class InfectionResult:
     """Output of :func:`segment_infection`.
 
     Attributes:
-        prob: [D, H, W] float32 single-class infection probability, 0 outside the lung mask.
+        prob: [D, H, W] float32 single-class infection probability (the ensemble mean when the partner ran), 0 outside
+            the lung mask.
         classes: [D, H, W] uint8 (0 background, 1 GGO, 2 consolidation), 0 outside the lung mask, or None without the
             multi-class model.
         models: name and sha256 of each model used.
         timings: seconds per step ("load", "infer").
         engines: per model name, the engine that ran it and those passed over
             (:meth:`covfast.engine.Selection.describe`).
-        view_prob: per lung slice index, the single-class probability on the network's input grid ([S, S] float32,
-            the transposed lung crop of :func:`slice_view` resized to S): what the diagnosis stage's affinity head was
-            trained on.
+        view_prob: per lung slice index, the Inf-Net's own probability (without the partner) on the network's input
+            grid ([S, S] float32, the transposed lung crop of :func:`slice_view` resized to S): what the diagnosis
+            stage's affinity head was trained on.
         mask: [D, H, W] uint8 infection mask the counts were taken from: ``classes``, or ``prob >
             PROBABILITY_THRESHOLD`` as 0/1 without the multi-class model.
         counts: per-slice lung and infection counts of ``mask`` and ``prob`` (:class:`InfectionCounts`).
@@ -140,11 +152,13 @@ def installed_models(weights_dir: str | Path = WEIGHTS_DIR) -> list[dict]:
     return found
 
 
-def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str | Path = WEIGHTS_DIR) -> dict:
-    """Load the single-class model (and the multi-class one if asked and installed), checking SHA-256.
+def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str | Path = WEIGHTS_DIR,
+                ensemble: bool = True) -> dict:
+    """Load the single-class model (with its U-Net partner if ``ensemble`` and installed, and the multi-class one if
+    asked and installed), checking SHA-256.
 
     Returns:
-        ``{name: LoadedModel}`` with the single-class model first.
+        ``{name: LoadedModel}`` in the order single-class, partner, multi-class.
 
     Raises:
         ModelNotInstalledError: no single-class weights, or a file whose hash differs from its card.
@@ -152,12 +166,12 @@ def load_models(device: str = "cpu", multiclass: bool = True, weights_dir: str |
     from covfast.nn import load_model
 
     return {name: LoadedModel(load_model(card["file"], device), card)
-            for name, card in _verified_cards(multiclass, weights_dir).items()}
+            for name, card in _verified_cards(multiclass, weights_dir, ensemble).items()}
 
 
-def _verified_cards(multiclass: bool, weights_dir: str | Path) -> dict:
-    """Model cards of the single-class model (and the multi-class one if asked and installed), single-class first,
-    after checking each weights file's SHA-256 against its card.
+def _verified_cards(multiclass: bool, weights_dir: str | Path, ensemble: bool = True) -> dict:
+    """Model cards of the single-class model (with the partner if ``ensemble`` and installed, and the multi-class one
+    if asked and installed), in that order, after checking each weights file's SHA-256 against its card.
 
     Raises:
         ModelNotInstalledError: no single-class weights, or a file whose hash differs from its card.
@@ -169,7 +183,8 @@ def _verified_cards(multiclass: bool, weights_dir: str | Path) -> dict:
         raise ModelNotInstalledError(
             f"no infection model installed in {weights_dir} (expected {SINGLE_CLASS}.safetensors)"
         )
-    names = [SINGLE_CLASS] + ([MULTI_CLASS] if multiclass and MULTI_CLASS in cards else [])
+    wanted = {PARTNER: ensemble, MULTI_CLASS: multiclass}
+    names = [SINGLE_CLASS] + [name for name, use in wanted.items() if use and name in cards]
     for name in names:
         if sha256_file(cards[name]["file"]) != cards[name]["sha256"]:
             raise ModelNotInstalledError(f"{cards[name]['file']}: SHA-256 differs from its model card; reinstall covfast")
@@ -183,13 +198,13 @@ def _cards_key(weights_dir) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _shared_engines(engine: str, device: str, multiclass: bool, weights_dir: str, cache_dir: str,
-                    cards_key: tuple, precision: str | None = None) -> dict:
+                    cards_key: tuple, precision: str | None = None, ensemble: bool = True) -> dict:
     """Engines for the installed infection models, chosen and loaded once per process: `covfast infer` over many
     volumes reuses them instead of reading and hashing the weights (and exporting or deserialising engines) for each
     input. ``cards_key`` (see :func:`_cards_key`) makes newly installed weights load afresh.
 
     Returns:
-        ``{name: (Selection, card)}`` with the single-class model first.
+        ``{name: (Selection, card)}`` in :func:`load_models`' order.
 
     Raises:
         ModelNotInstalledError: see :func:`load_models`.
@@ -199,11 +214,12 @@ def _shared_engines(engine: str, device: str, multiclass: bool, weights_dir: str
 
     del cards_key
     return {name: (select_engine(engine, card["file"], device=device, cache_dir=cache_dir, precision=precision), card)
-            for name, card in _verified_cards(multiclass, weights_dir).items()}
+            for name, card in _verified_cards(multiclass, weights_dir, ensemble).items()}
 
 
 def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: bool = True,
-                      weights_dir: str | Path = WEIGHTS_DIR, precision: str | None = None) -> dict:
+                      weights_dir: str | Path = WEIGHTS_DIR, precision: str | None = None,
+                      ensemble: bool = True) -> dict:
     """The engines :func:`segment_infection` uses, loaded (and exported to ONNX where needed) on the first call.
 
     Args:
@@ -212,9 +228,10 @@ def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: boo
         multiclass: include the GGO / consolidation model when installed.
         weights_dir: folder of installed weights.
         precision: ``fp32``, ``fp16``, ``bf16`` or None (see :func:`covfast.engine.select_engine`).
+        ensemble: include the single-class U-Net partner (:data:`PARTNER`) when installed.
 
     Returns:
-        ``{name: (Selection, card)}`` with the single-class model first.
+        ``{name: (Selection, card)}`` in :func:`load_models`' order.
 
     Raises:
         ModelNotInstalledError: no single-class weights, or a file whose hash differs from its card.
@@ -224,56 +241,60 @@ def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: boo
     from covfast.engine import default_cache_dir
 
     return _shared_engines(engine, device, multiclass, str(weights_dir), str(default_cache_dir()),
-                           _cards_key(weights_dir), precision)
+                           _cards_key(weights_dir), precision, ensemble)
 
 
-def _run_networks(runners: list[Callable], x: torch.Tensor):
+def _run_networks(runners: dict[str, Callable], x: torch.Tensor):
     """Standardised inputs [N, 1, S, S] float32 -> (prob [N, 1, S, S], class_prob [N, 3, S, S] or None, features
-    [N, F, S/8, S/8] or None), float32 on ``x``'s device.
+    [N, F, S/8, S/8] or None, own [N, 1, S, S]), float32 on ``x``'s device.
 
-    ``runners``: the single-class network's ``run_with_features`` (batch -> (probabilities, its backbone features
-    for the diagnosis stage or None)), then the multi-class network's ``run_tensor`` if it is installed (engines of
-    :mod:`covfast.engine.runtime`).
+    ``runners`` (from :func:`_runners`), by model name: the single-class network's (batch -> (probabilities, its
+    backbone features for the diagnosis stage or None)); the partner's and the multi-class network's, where installed
+    (batch -> probabilities). ``prob`` is the single-class probability, averaged with the partner's when it runs;
+    ``own`` the Inf-Net's alone (what the diagnosis stage reads).
     """
     from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
 
-    single, *rest = runners
-    prob, features = single(x)
-    if not rest:
-        return prob, None, features
+    own, features = runners[SINGLE_CLASS](x)
+    prob = (own + runners[PARTNER](x)) * 0.5 if PARTNER in runners else own
+    if MULTI_CLASS not in runners:
+        return prob, None, features, own
     class_prob = torch.zeros((prob.shape[0], 3, *prob.shape[2:]), dtype=torch.float32, device=prob.device)
     class_prob[:, 0] = 1.0
     found = torch.nonzero(prob.flatten(1).amax(dim=1) >= MULTICLASS_MIN_PROB)[:, 0]
     if len(found):
         # The multi-class network takes the single-class probability as its prior channel, standardised like a slice.
         prior = (prob[found] - PIXEL_MEAN) / PIXEL_STD
-        class_prob[found] = rest[0](torch.cat([x[found], prior], dim=1))
-    return prob, class_prob, features
+        class_prob[found] = runners[MULTI_CLASS](torch.cat([x[found], prior], dim=1))
+    return prob, class_prob, features, own
 
 
-def _runners(engines: list, tta: str = "none") -> list[Callable]:
-    """The callables :func:`_run_networks` takes, from engines with the single-class network's first, averaged over
-    the flips of ``tta`` (:data:`TTA_CHOICES`)."""
-    first, *rest = engines
-    runners = [first.run_with_features, *(engine.run_tensor for engine in rest)]
-    flips = _TTA_FLIPS[check_tta(tta)]
-    if not flips:
-        return runners
-    single, *others = runners
+def _runners(engines: dict, tta: str = "none") -> dict[str, Callable]:
+    """What :func:`_run_networks` takes, from engines by model name (:mod:`covfast.engine.runtime`), each averaged
+    over the flips of ``tta`` (:data:`TTA_CHOICES`; the partner over those of :data:`PARTNER_TTA`). The single-class
+    network's runner also returns its backbone features, those of the unflipped pass."""
+    check_tta(tta)
 
-    def flip_mean(run: Callable, x: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    def flip_mean(run: Callable, x: torch.Tensor, plain: torch.Tensor, flips: tuple) -> torch.Tensor:
         # ``plain`` = run(x); the flipped passes are flipped back before averaging.
+        if not flips:
+            return plain
         return (plain + sum(run(x.flip(dims)).flip(dims) for dims in flips)) / (len(flips) + 1)
 
-    def averaged_single(x: torch.Tensor):
-        # The diagnosis stage pools its RoIs from the unflipped pass's features.
-        prob, features = single(x)
-        return flip_mean(lambda t: single(t)[0], x, prob), features
+    def with_features(engine, flips: tuple) -> Callable:
+        def run(x: torch.Tensor):
+            prob, features = engine.run_with_features(x)
+            return flip_mean(engine.run_tensor, x, prob, flips), features
+        return run
 
-    def averaged(run: Callable) -> Callable:
-        return lambda x: flip_mean(run, x, run(x))
+    def plain(engine, flips: tuple) -> Callable:
+        return lambda x: flip_mean(engine.run_tensor, x, engine.run_tensor(x), flips)
 
-    return [averaged_single, *(averaged(run) for run in others)]
+    def flips_of(name: str) -> tuple:
+        return _TTA_FLIPS[PARTNER_TTA if name == PARTNER and PARTNER_TTA is not None else tta]
+
+    return {name: (with_features if name == SINGLE_CLASS else plain)(engine, flips_of(name))
+            for name, engine in engines.items()}
 
 
 def check_tta(tta: str | None) -> str:
@@ -303,6 +324,25 @@ def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
+def single_class_probability(models: dict, x: torch.Tensor, tta: str = DEFAULT_TTA) -> torch.Tensor:
+    """The stage's single-class probability of standardised inputs: the Inf-Net's, averaged with the partner's when
+    ``models`` holds it, over the flips of ``tta``.
+
+    Args:
+        models: from :func:`load_models` (a multi-class model in it is not run).
+        x: [N, 1, S, S] float32 standardised slices (:func:`covfast.nn.preprocess.to_input`).
+        tta: test-time augmentation, one of :data:`TTA_CHOICES`.
+
+    Returns:
+        [N, 1, S, S] float32 on ``x``'s device.
+    """
+    from covfast.engine.runtime import TorchEngine
+
+    engines = {name: TorchEngine(loaded.model, str(x.device)) for name, loaded in models.items() if name != MULTI_CLASS}
+    with torch.inference_mode():
+        return _run_networks(_runners(engines, tta), x)[0]
+
+
 def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_size: int = 8, tta: str = DEFAULT_TTA):
     """Run the models on 8-bit slices that already look like the training slices.
 
@@ -314,18 +354,19 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
         tta: test-time augmentation, one of :data:`TTA_CHOICES`.
 
     Returns:
-        (prob [N, H, W] float32, class_prob [N, 3, H, W] float32 or None without a multi-class model).
+        (prob [N, H, W] float32, the single-class probability (averaged with the partner's when ``models`` holds
+        it), class_prob [N, 3, H, W] float32 or None without a multi-class model).
     """
     from covfast.engine.runtime import TorchEngine
     from covfast.nn.preprocess import to_input
 
-    runners = _runners([TorchEngine(loaded.model, device) for loaded in models.values()], tta)
+    runners = _runners({name: TorchEngine(loaded.model, device) for name, loaded in models.items()}, tta)
     size = slices.shape[1:]
     probs, class_probs = [], []
     with torch.inference_mode():
         for start in range(0, len(slices), batch_size):
             batch = torch.from_numpy(np.array(slices[start : start + batch_size], dtype=np.uint8))[:, None]
-            prob, class_prob, _ = _run_networks(runners, to_input(batch.to(device)))
+            prob, class_prob, _, _ = _run_networks(runners, to_input(batch.to(device)))
             probs.append(_resize(prob, size)[:, 0].cpu().numpy())
             if class_prob is not None:
                 class_probs.append(_resize(class_prob, size).cpu().numpy())
@@ -467,6 +508,7 @@ def segment_infection(
     engine: str = "auto",
     precision: str | None = None,
     tta: str = DEFAULT_TTA,
+    ensemble: bool = True,
 ) -> InfectionResult:
     """Infection probability (and GGO / consolidation labels) of a CT volume.
 
@@ -484,6 +526,7 @@ def segment_infection(
         engine: ``auto``, ``torch``, ``onnx`` or ``tensorrt`` (see :func:`covfast.engine.select_engine`).
         precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
         tta: test-time augmentation, one of :data:`TTA_CHOICES` (see the module docstring).
+        ensemble: average the U-Net partner's probability into the Inf-Net's when installed (module docstring).
 
     Returns:
         :class:`InfectionResult` on the full [D, H, W] grid.
@@ -500,8 +543,8 @@ def segment_infection(
     from covfast.ops import infection_ratio
 
     t0 = time.perf_counter()
-    engines = infection_engines(engine, device, multiclass, weights_dir, precision)
-    runners = _runners([selection.engine for selection, _ in engines.values()], tta)
+    engines = infection_engines(engine, device, multiclass, weights_dir, precision, ensemble)
+    runners = _runners({name: selection.engine for name, (selection, _) in engines.items()}, tta)
     timings = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
     work = lung_slices(lung)
@@ -515,13 +558,13 @@ def segment_infection(
         classes = torch.zeros(hu.shape, dtype=torch.uint8, device=hu_device.device) if MULTI_CLASS in engines else None
         for start in range(0, len(work), batch_size):
             chunk = work[start : start + batch_size]
-            batch_prob, batch_classes, features = _run_networks(runners, prepare_batch(hu_device, chunk))
+            batch_prob, batch_classes, features, own = _run_networks(runners, prepare_batch(hu_device, chunk))
             for i, (z, (rows, cols)) in enumerate(chunk):
                 size = (cols.stop - cols.start, rows.stop - rows.start)  # the transposed crop
                 prob[z, rows, cols] = _resize(batch_prob[i : i + 1], size)[0, 0].T
                 if classes is not None:
                     classes[z, rows, cols] = _first_max_channel(_resize(batch_classes[i : i + 1], size)[0]).T
-            view_prob.update(zip((z for z, _ in chunk), batch_prob[:, 0].cpu().numpy()))
+            view_prob.update(zip((z for z, _ in chunk), own[:, 0].cpu().numpy()))
             if features is not None:
                 view_features.update(zip((z for z, _ in chunk), features))
             if progress is not None:

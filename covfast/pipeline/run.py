@@ -188,6 +188,7 @@ def analyze(
     engine: str = "auto",
     precision: str | None = None,
     tta: str | None = None,
+    ensemble: bool = True,
 ) -> Result:
     """Run every stage on a loaded volume.
 
@@ -208,6 +209,8 @@ def analyze(
         precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
         tta: test-time augmentation of the infection networks (:data:`covfast.pipeline.infection.TTA_CHOICES`;
             None: the default), recorded under the report's ``infection_source``.
+        ensemble: average the U-Net partner's infection probability into the Inf-Net's when it is installed
+            (:mod:`covfast.pipeline.infection`); the models that ran are listed in the report.
 
     Returns:
         :class:`Result`.
@@ -250,7 +253,7 @@ def analyze(
                 # from the device that made them.
                 seg = segment_infection(
                     volume.hu, lung, volume.spacing_mm, device=device, batch_size=batch_size, progress=progress,
-                    engine=engine, precision=precision, tta=tta,
+                    engine=engine, precision=precision, tta=tta, ensemble=ensemble,
                 )
                 prob, classes, counts = seg.prob, seg.mask, seg.counts
                 if drop_small_components(classes, prob, volume.spacing_mm, rules.min_component_ml):

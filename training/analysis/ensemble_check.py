@@ -12,10 +12,12 @@ than 0.5 (calibration: a model whose best threshold is far from 0.5 loses Dice@0
 import argparse
 import itertools
 import json
+import shlex
+import sys
 
 import torch
 
-from covfast.evaluate import summarize
+from covfast.evaluate import _interval, summarize
 from covfast.nn import load_model
 from training.data import cv_folds, load_labelled
 from training.loops import predict, score
@@ -33,22 +35,37 @@ def flip_probs(model, images: torch.Tensor, tta: str) -> torch.Tensor:
     return sum(probs) / len(probs)
 
 
+def paired_dice(per: dict, first: str, second: str) -> dict:
+    """Mean per-slice Dice of ``first`` minus ``second`` (same slices, same order) with its 95 % interval, and on how
+    many slices ``first`` is better."""
+    diff = [a["dice"] - b["dice"] for a, b in zip(per[first], per[second], strict=True)]
+    found = _interval(diff)
+    return {"mean": round(found["mean"], 4), "ci95": [round(v, 4) for v in found["ci95"]],
+            "better": sum(d > 0 for d in diff), "slices": len(diff)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="name=path pattern with {k} for the fold")
     ap.add_argument("--folds", default="0")
     ap.add_argument("--tta", default="h", choices=["none", "h", "hv"])
+    ap.add_argument("--tta-of", action="append", default=[], metavar="NAME=TTA",
+                    help="another test-time augmentation for one model (e.g. unet=none); repeat")
     ap.add_argument("--data", default="../shared/data/infnet-semiseg")
     ap.add_argument("--json", help="write the pooled numbers here")
+    ap.add_argument("--paired", action="append", default=[], metavar="A-B",
+                    help="also the per-slice Dice difference of two labels, e.g. v2+unet-v2; repeat")
     args = ap.parse_args()
     torch.set_num_threads(1)
     specs = dict(m.split("=", 1) for m in args.models)
+    tta_of = dict(m.split("=", 1) for m in args.tta_of)
     labelled = load_labelled(args.data, 256, "infection")
     split = cv_folds(len(labelled.names), 5, 0)
     per: dict[str, list] = {}
     for k in (int(f) for f in args.folds.split(",")):
         val = labelled.subset(split[k])
-        probs = {name: flip_probs(load_model(p.format(k=k)), val.images, args.tta) for name, p in specs.items()}
+        probs = {name: flip_probs(load_model(p.format(k=k)), val.images, tta_of.get(name, args.tta))
+                 for name, p in specs.items()}
         combos = {name: [name] for name in specs}
         for r in range(2, len(specs) + 1):
             combos.update({"+".join(c): list(c) for c in itertools.combinations(specs, r)})
@@ -67,9 +84,15 @@ def main() -> None:
         if "@" not in label:
             pooled[label]["dice_ci95"] = [round(v, 4) for v in s["dice"]["ci95"]]
         print(label, pooled[label] if "@" not in label else {"dice": pooled[label]["dice"]})
+    paired = {pair: paired_dice(per, *pair.split("-", 1)) for pair in args.paired}
+    for pair, found in paired.items():
+        print("paired", pair, found)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"folds": args.folds, "tta": args.tta, "models": specs, "pooled": pooled}, f, indent=2)
+            command = shlex.join(["python", "training/analysis/ensemble_check.py", *sys.argv[1:]])
+            found = {"folds": args.folds, "tta": args.tta, "tta_of": tta_of, "models": specs, "pooled": pooled,
+                     "paired": paired, "command": command}
+            json.dump(found, f, indent=2)
 
 
 if __name__ == "__main__":
