@@ -44,6 +44,10 @@ for engine in torch onnx; do
             || log "e2e $engine $precision failed"
     done
 done
+# The Inf-Net alone (without the U-Net partner), for the ensemble's cost on the GPU.
+python3 -m covfast benchmark "$WORK/p001_size.nii.gz" --device cuda --engine torch --precision fp16 --no-ensemble \
+    --runs 5 --json "$WORK/e2e_cuda_torch_fp16_no_ensemble.json" >"$WORK/e2e_cuda_torch_fp16_no_ensemble.txt" 2>&1 \
+    || log "e2e no-ensemble failed"
 mkdir -p "$WORK/folder" && for i in 1 2 3 4 5 6; do ln -sf "$WORK/p001_size.nii.gz" "$WORK/folder/v$i.nii.gz"; done
 /usr/bin/time -v python3 -m covfast infer "$WORK/folder" -o "$WORK/folder_out" -q --device cuda --engine torch \
     >"$WORK/folder_throughput.txt" 2>&1 || log "folder run failed"
