@@ -21,8 +21,8 @@ and the probabilities are averaged.
 Ensemble: when the single-class U-Net (:data:`PARTNER`) is installed, it runs on the same inputs and its probability is
 averaged with the Inf-Net's; that mean is the stage's infection probability and the multi-class network's prior. The
 diagnosis stage keeps reading the Inf-Net's own probability (``InfectionResult.view_prob``), the input its head was
-trained and validated on. Out of fold on the 50 labelled slices the mean scored Dice@0.5 0.727 against
-the Inf-Net's 0.708 and the U-Net's 0.717 (training/RESULTS.md, session 7).
+trained and validated on. Out of fold on the 50 labelled slices the shipped pair's mean scored Dice@0.5 0.718
+against the Inf-Net's 0.698 (paired +0.019 [+0.005, +0.033]; training/RESULTS.md, session 8).
 
 The networks run through the inference engines of :mod:`covfast.engine` (TensorRT, torch, onnxruntime), chosen once
 per process by :func:`covfast.engine.select_engine`; every engine runs the same probability graph.
