@@ -25,13 +25,14 @@ SLICES = Path("../shared/data/infnet-semiseg/TrainingSet/LungInfection-Train/Doc
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name", help="installed model name, e.g. infnet or infection_unet (single-input networks)")
+    ap.add_argument("name", help="installed model name (infnet, infection_unet) or a .safetensors file of a "
+                    "single-input network")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=4)
     args = ap.parse_args()
     images = [np.array(Image.open(p).convert("L")) for p in sorted(SLICES.glob("*.jpg"))[: args.batch]]
     x = torch.cat([to_input(torch.from_numpy(image)[None, None]) for image in images])
-    weights = WEIGHTS_DIR / f"{args.name}.safetensors"
+    weights = Path(args.name) if args.name.endswith(".safetensors") else WEIGHTS_DIR / f"{args.name}.safetensors"
     model = load_model(weights).eval()
     onnx = OnnxRuntimeEngine(ensure_onnx(weights, default_cache_dir())["path"])
     reference = onnx.run_tensor(x)
