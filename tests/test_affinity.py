@@ -229,7 +229,7 @@ def _toy_infnet():
 
     torch.manual_seed(5)
     model = build_model("infnet", in_ch=1, widths=[8, 8, 16, 16], ch=8, ra_ch=8).eval()
-    return SimpleNamespace(model=model, card={"sha256": "0" * 64})
+    return SimpleNamespace(model=model)
 
 
 def test_joint_branch_with_copied_stages_sees_the_cached_features():
@@ -241,7 +241,7 @@ def test_joint_branch_with_copied_stages_sees_the_cached_features():
     infnet = _toy_infnet()
     rng = np.random.default_rng(0)
     views = [rng.integers(0, 256, (300, 280), dtype=np.uint8) for _ in range(3)]
-    batch = _roi_batch({"infnet": infnet}, RoiFeatures(infnet.model.backbone), views, _unwindow(views))
+    batch = _roi_batch(infnet, RoiFeatures(infnet.model.backbone), views, _unwindow(views))
     assert batch["x"].shape == batch["hu"].shape == batch["prob"].shape == (3, 256, 256)
     assert batch["boxes"].shape == (3, 8, 4) and len(batch["lesions"]) == 3
     cached = torch.from_numpy(batch["feats"].astype(np.float32))

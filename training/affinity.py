@@ -68,22 +68,11 @@ LOPO_PATIENTS = tuple(CT_MD_CASES)
 
 
 def _infnet(device: str, weights_dir: str | Path | None = None):
-    from covfast.pipeline.infection import SINGLE_CLASS
+    """The Inf-Net whose backbone and probability the diagnosis stage reads (without its U-Net partner:
+    :attr:`covfast.pipeline.infection.InfectionResult.view_prob`)."""
+    from covfast.pipeline.infection import SINGLE_CLASS, WEIGHTS_DIR, load_models
 
-    return _probability_models(device, weights_dir)[SINGLE_CLASS]
-
-
-def _probability_models(device: str, weights_dir: str | Path | None = None) -> dict:
-    """The single-class model whose probability the diagnosis stage reads: the Inf-Net alone, without its U-Net
-    partner (:attr:`covfast.pipeline.infection.InfectionResult.view_prob`)."""
-    from covfast.pipeline.infection import WEIGHTS_DIR, load_models
-
-    return load_models(device, multiclass=False, weights_dir=weights_dir or WEIGHTS_DIR, ensemble=False)
-
-
-def _model_ids(models: dict) -> list[dict]:
-    """``[{"name", "sha256"}]`` of loaded models (:func:`covfast.pipeline.infection.load_models`), in order."""
-    return [{"name": name, "sha256": loaded.card["sha256"]} for name, loaded in models.items()]
+    return load_models(device, multiclass=False, weights_dir=weights_dir or WEIGHTS_DIR, ensemble=False)[SINGLE_CLASS]
 
 
 def _cache_backbone(out: Path) -> dict:
@@ -98,16 +87,16 @@ def _cache_backbone(out: Path) -> dict:
 
 
 @torch.no_grad()
-def _roi_batch(models: dict, extractor: RoiFeatures, views: list[np.ndarray], hu_views: torch.Tensor) -> dict:
+def _roi_batch(infnet, extractor: RoiFeatures, views: list[np.ndarray], hu_views: torch.Tensor) -> dict:
     """8-bit views (and their HU on the network grid) -> RoI features [N, beta, 65, 28, 28] float16 (``feats``), lesion
     counts, and what the classification branch trains on: the standardised view ``x``, its HU ``hu``, the Inf-Net's
     probability ``prob`` (float16 [N, S, S]; as the infection stage hands it to the diagnosis: with the default
     flips) and the chosen RoI ``boxes`` (float32 [N, beta, 4])."""
     from covfast.nn.preprocess import to_input
-    from covfast.pipeline.infection import single_class_probability
+    from covfast.pipeline.infection import SINGLE_CLASS, single_class_probability
 
     x = torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views])
-    prob = single_class_probability(models, x).clone()
+    prob = single_class_probability({SINGLE_CLASS: infnet}, x).clone()
     boxes, counts = extractor.select(prob)
     rois = pool_view_rois(extractor.backbone_features(x), prob, boxes)
     return {
@@ -161,22 +150,21 @@ def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_d
     from PIL import Image
 
     from covfast.io import load_volume
-    from covfast.pipeline.infection import DEFAULT_TTA, SINGLE_CLASS
+    from covfast.pipeline.infection import DEFAULT_TTA
     from covfast.pipeline.lung import lung_mask
 
-    models = _probability_models(device, weights_dir)
-    infnet = models[SINGLE_CLASS]
+    infnet = _infnet(device, weights_dir)
     extractor = RoiFeatures(infnet.model.backbone, device=device)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     backbone = {"name": infnet.card["name"], "sha256": infnet.card["sha256"], "weights": str(infnet.card["file"]),
-                "probability": {"models": _model_ids(models), "tta": DEFAULT_TTA}}
+                "tta": DEFAULT_TTA}
     (out / "cache_backbone.json").write_text(json.dumps(backbone, indent=2) + "\n")
 
     (out / "views").mkdir(exist_ok=True)
 
     def store(name: str, views: list[np.ndarray], hu_views: torch.Tensor, meta: dict) -> list[int]:
         parts = [
-            _roi_batch(models, extractor, views[start : start + batch], hu_views[start : start + batch])
+            _roi_batch(infnet, extractor, views[start : start + batch], hu_views[start : start + batch])
             for start in range(0, len(views), batch)
         ]
         joined = {key: np.concatenate([part[key] for part in parts]) for key in ("feats", "x", "hu", "prob", "boxes")}
@@ -545,9 +533,8 @@ def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
         + ", 65 x 28 x 28, beta RoIs per slice, RoIs from the infnet's lesion instances; see "
         "covfast/pipeline/diagnosis.py",
         "classes": list(CLASSES),
-        "backbone": {key: value for key, value in backbone.items() if key in ("name", "sha256")},
-        # The model whose probability the cached RoIs and probability channel came from, and its flips.
-        "probability": backbone.get("probability"),
+        # The Inf-Net whose features, probability and its flips (``tta``) made the cached RoIs.
+        "backbone": {key: value for key, value in backbone.items() if key in ("name", "sha256", "tta")},
         "data": {src: sum(r["source"] == src for r in rows) for src in sorted({r["source"] for r in rows})},
         "recipe": recipe,
         "command": f"python -m training.affinity cache --data ../shared/data --out {out}{weights_arg} && "

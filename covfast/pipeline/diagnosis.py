@@ -328,7 +328,6 @@ def diagnose(
     }
 
 
-
 def to_view_grid(prob_view: np.ndarray, size: int) -> torch.Tensor:
     """[h, w] probability on a view -> [1, 1, size, size] float32 on the network grid (bilinear)."""
     prob = torch.from_numpy(np.ascontiguousarray(prob_view, dtype=np.float32))[None, None]
