@@ -1,4 +1,4 @@
-"""Time one installed network on a batch of real slices through each CPU engine, against onnxruntime fp32.
+"""Time one installed single-input network on a batch of real slices through each CPU engine, against onnxruntime fp32.
 
     python benchmarks/network_engines.py infection_unet --batch 8 --repeats 4
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from covfast.engine.quantize import ensure_int8_onnx
 from covfast.engine.runtime import OnnxRuntimeEngine, TorchEngine, default_cache_dir, ensure_onnx
 from covfast.nn import load_model
 from covfast.nn.preprocess import to_input
@@ -36,7 +37,8 @@ def main() -> None:
     model = load_model(weights).eval()
     onnx = OnnxRuntimeEngine(ensure_onnx(weights, default_cache_dir())["path"])
     reference = onnx.run_tensor(x)
-    engines = {"onnxruntime fp32": onnx, "torch fp32": TorchEngine(model, "cpu"),
+    int8 = OnnxRuntimeEngine(ensure_int8_onnx(weights, default_cache_dir())["path"], precision="int8")
+    engines = {"onnxruntime fp32": onnx, "onnxruntime int8": int8, "torch fp32": TorchEngine(model, "cpu"),
                "torch bf16": TorchEngine(model, "cpu", "bf16")}
     print(f"{args.name}, batch {args.batch}, {torch.get_num_threads()} torch threads")
     print("| engine | ms per batch | max abs prob diff | mask agreement |\n|---|---:|---:|---:|")

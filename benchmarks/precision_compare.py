@@ -1,9 +1,11 @@
-"""Compare covfast's outputs under bf16 (or fp16) autocast with fp32 on COVID-CT-MD volumes (issue 6: the Dice change
-of mixed precision).
+"""Compare covfast's outputs under bf16 (or fp16) autocast or int8 with fp32 on COVID-CT-MD volumes (issue 6: the
+Dice change of reduced precision).
 
     python benchmarks/precision_compare.py P001 cap001 normal001 --json runs/precision_check.json
+    python benchmarks/precision_compare.py P001 cap001 normal001 --precision int8
 
-For each case of ``--data`` it runs ``covfast.infer(..., engine="torch")`` once per precision and prints the Dice of
+For each case of ``--data`` it runs ``covfast.infer`` once per precision (bf16 / fp16 in torch against torch fp32;
+int8 in onnxruntime against onnxruntime fp32) and prints the Dice of
 the infection masks (any class, GGO, consolidation), the largest probability difference, and the report fields a
 user reads (percent infected, CT class, diagnosis, COVID-positive slices), with the infection and diagnosis stage
 times.
@@ -28,9 +30,10 @@ def compare(path: str, device: str, precision: str) -> dict:
     from covfast.api import infer
 
     runs = {}
+    engine = "onnx" if precision == "int8" else "torch"
     for prec in ("fp32", precision):
         start = time.perf_counter()
-        runs[prec] = infer(path, device=device, engine="torch", precision=prec)
+        runs[prec] = infer(path, device=device, engine=engine, precision=prec)
         runs[prec].report["timings_s"]["wall"] = time.perf_counter() - start
     a, b = runs["fp32"], runs[precision]
     return {
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+", help="case folders under --data (e.g. P001 cap001 normal001)")
     parser.add_argument("--data", default="../shared/data/covid-ct-md")
-    parser.add_argument("--precision", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--precision", choices=("bf16", "fp16", "int8"), default="bf16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from covfast.errors import EXIT_BAD_INPUT, EXIT_OK, CovfastError, UsageError
 
 # covfast.engine.ENGINES, spelled out so that building the parser does not import torch (a test checks they agree).
 ENGINE_CHOICES = ("auto", "torch", "onnx", "tensorrt")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16")  # covfast.engine.runtime.PRECISIONS
+PRECISION_CHOICES = ("fp32", "fp16", "bf16", "int8")  # covfast.engine.runtime.PRECISIONS
 TTA_CHOICES = ("none", "h", "hv")  # covfast.pipeline.infection.TTA_CHOICES
 TTA_HELP = ("test-time augmentation of the infection networks: also run each slice flipped horizontally (h) or "
             "horizontally and vertically (hv) and average (default: h)")
@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--precision",
         choices=PRECISION_CHOICES,
-        help="precision of the infection networks (default: fp32, or the cached TensorRT engine's); bf16 / fp16 run "
-        "torch under autocast (onnxruntime is fp32 only, so --engine auto then uses torch)",
+        help="precision of the infection networks (default: the cached TensorRT engine's on a GPU; int8 in "
+        "onnxruntime on a CPU with 8-bit dot products (VNNI), else fp32); bf16 / fp16 run torch under autocast "
+        "(or TensorRT); int8 is onnxruntime on the CPU, quantized once per model and cached",
     )
     infer.add_argument("--tta", choices=TTA_CHOICES, help=TTA_HELP)
     infer.add_argument("--no-ensemble", action="store_true", help=NO_ENSEMBLE_HELP)
@@ -105,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine = sub.add_parser(
         "build-engine",
         help="export the shipped models to ONNX and build TensorRT engines (when tensorrt is installed)",
-        epilog="example:\n  covfast build-engine --precision fp16 --max-batch 32",
+        description="Export the shipped models to ONNX and build TensorRT engines when tensorrt and a CUDA GPU are "
+        "available. --precision int8 instead quantizes the ONNX graphs for onnxruntime on the CPU.",
+        epilog="example:\n  covfast build-engine --precision fp16 --max-batch 32\n  covfast build-engine --precision int8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    engine.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp16")
+    engine.add_argument("--precision", choices=PRECISION_CHOICES, default="fp16")
     engine.add_argument("--max-batch", type=_positive_int, default=32, metavar="N", help="largest batch of the profile")
     engine.add_argument(
         "--out", metavar="DIR", help="engine cache folder (default: $COVFAST_ENGINE_DIR or ~/.cache/covfast/engines)"

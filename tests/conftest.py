@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +38,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def sample_slab():
+    """Five lung slices of the shipped sample (real CT, resampled COVID-CT-MD P001) with their lung mask."""
+    from covfast.io import load_volume, sample_path
+    from covfast.pipeline.lung import lung_mask
+
+    volume = load_volume(str(sample_path()))
+    lung = lung_mask(volume.hu, volume.spacing_mm)
+    mid = int(np.flatnonzero(lung.reshape(len(lung), -1).any(axis=1)).mean())
+    return np.ascontiguousarray(volume.hu[mid - 2 : mid + 3]), np.ascontiguousarray(lung[mid - 2 : mid + 3])

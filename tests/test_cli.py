@@ -162,8 +162,12 @@ def test_infer_sample_with_shipped_models(sample, tmp_path):
     assert [m["name"] for m in report["models"]] == ["infnet", "infection_unet", "infnet_multiclass", "affinity"]
     assert report["infection_source"]["models"] == ["infnet", "infection_unet", "infnet_multiclass"]
     # --engine auto on a CPU: TensorRT and torch-cuda are passed over with their reasons, then onnxruntime if
-    # installed, else torch on the CPU.
-    expected_engine = "onnxruntime-cpu" if importlib.util.find_spec("onnxruntime") else "torch-cpu"
+    # installed (int8 on a CPU with 8-bit dot products), else torch on the CPU.
+    from covfast.engine.quantize import cpu_has_vnni
+
+    expected_engine = "torch-cpu"
+    if importlib.util.find_spec("onnxruntime"):
+        expected_engine = "onnxruntime-cpu-int8" if cpu_has_vnni() else "onnxruntime-cpu"
     assert list(report["engine"]) == ["infnet", "infection_unet", "infnet_multiclass"]
     for used in report["engine"].values():
         assert used["engine"] == expected_engine
@@ -204,7 +208,7 @@ def test_onnx_engine_with_bf16_is_a_usage_error(tmp_path, capsys):
     code = main(["infer", str(sample_path()), "-o", str(out), "--engine", "onnx", "--precision", "bf16", "-q"])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "fp32 only" in err
+    assert len(err.splitlines()) == 1 and "runs fp32 or int8" in err
     assert not out.exists()
 
 

@@ -177,7 +177,7 @@ def test_build_engine_exports_onnx_and_says_why_tensorrt_was_skipped(multiclass_
 
 def test_build_engine_rejects_bad_arguments(tmp_path):
     with pytest.raises(UsageError, match="precision"):
-        build_engine("int8", 8, tmp_path, model_files=[])
+        build_engine("int4", 8, tmp_path, model_files=[])
     with pytest.raises(UsageError, match="max-batch"):
         build_engine("fp16", 0, tmp_path, model_files=[])
 
@@ -185,6 +185,7 @@ def test_build_engine_rejects_bad_arguments(tmp_path):
 def test_select_engine_on_cpu(multiclass_build, monkeypatch):
     _, weights, result = multiclass_build
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr("covfast.engine.runtime.cpu_has_vnni", lambda: False)  # auto: fp32 (int8: test_quantize.py)
     cache = result["out_dir"]
     auto = select_engine("auto", weights, device="cpu", cache_dir=cache)
     assert auto.engine.name == "onnxruntime-cpu"

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument(
         "--min-component-ml", type=float, default=None, help="drop smaller infection components (default: infer's)"
     )
+    check.add_argument("--precision", default=None, help="network precision, as covfast infer (default: infer's)")
     args = parser.parse_args(argv)
     if args.command == "carry":
         from training.carry import make_carry
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         areas = tuple(float(a) for a in args.areas.split(",") if a.strip())
         gates = tuple(float(g) for g in args.hu_gates.split(",") if g.strip())
         check_volumes(
-            args.data, args.out, args.min_area_mm2, args.weights, areas, gates, args.tta, args.min_component_ml
+            args.data, args.out, args.min_area_mm2, args.weights, areas, gates, args.tta, args.min_component_ml,
+            args.precision,
         )
         return 0
     if args.command == "score":

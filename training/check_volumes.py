@@ -91,6 +91,7 @@ def check_volumes(
     hu_gates: tuple[float, ...] = (),
     tta: str | None = None,
     min_component_ml: float | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Per case: slice sensitivity / specificity of the infected-slice flags, and the mean of the mapped input.
 
@@ -106,6 +107,7 @@ def check_volumes(
             the pipeline's default, as ``covfast infer``).
         min_component_ml: drop infection components under this volume as ``covfast infer`` does (None: its
             default, ``SeverityRules.min_component_ml``; 0 keeps everything).
+        precision: network precision as ``covfast infer --precision`` (None: its default; ``int8`` on this CPU).
 
     Returns:
         ``{case: {...}}`` as written to ``volumes.json``.
@@ -132,7 +134,8 @@ def check_volumes(
     for case, info in labels.items():
         volume = load_volume(data / case)
         lung = lung_mask(volume.hu, volume.spacing_mm)
-        result = segment_infection(volume.hu, lung, volume.spacing_mm, weights_dir=weights_dir or WEIGHTS_DIR, tta=tta)
+        result = segment_infection(volume.hu, lung, volume.spacing_mm, weights_dir=weights_dir or WEIGHTS_DIR, tta=tta,
+                                   precision=precision)
         dropped = drop_small_components(result.mask, result.prob, volume.spacing_mm, min_ml)
         pixel_mm2 = volume.spacing_mm[1] * volume.spacing_mm[2]
         area = ((result.prob > 0.5) & (lung > 0)).sum(axis=(1, 2)) * pixel_mm2
@@ -143,6 +146,7 @@ def check_volumes(
         summary[case] = {
             "diagnosis": info["diagnosis"],
             "tta": tta,
+            "engines": {name: found["engine"] for name, found in result.engines.items()},
             "min_component_ml": min_ml,
             "components_dropped": dropped,
             "slices": len(area),

@@ -213,8 +213,36 @@ def _shared_engines(engine: str, device: str, multiclass: bool, weights_dir: str
     from covfast.engine import select_engine
 
     del cards_key
-    return {name: (select_engine(engine, card["file"], device=device, cache_dir=cache_dir, precision=precision), card)
+    return {name: (select_engine(engine, card["file"], device=device, cache_dir=cache_dir, precision=precision,
+                                 calibration=int8_calibration(name, weights_dir, cache_dir)), card)
             for name, card in _verified_cards(multiclass, weights_dir, ensemble).items()}
+
+
+def int8_calibration(name: str, weights_dir: str | Path, cache_dir: str | Path) -> tuple[str, Callable] | None:
+    """Calibration of model ``name``'s int8 graph (:mod:`covfast.engine.quantize`) as ``select_engine`` takes it:
+    None (the sample volume's slices) for the single-channel networks; for the multi-class network those slices with
+    the prior it gets in the pipeline, the float32 mean probability of every installed single-class network (with
+    or without ``--no-ensemble``, so that one cached graph serves both).
+
+    Returns:
+        (calibration key, function returning [N, 2, S, S] float32 inputs), or None.
+    """
+    if name != MULTI_CLASS:
+        return None
+    from covfast.engine.quantize import sample_calibration_key, sample_calibration_slices
+
+    priors = {card["name"]: card for card in installed_models(weights_dir) if card["name"] in (SINGLE_CLASS, PARTNER)}
+
+    def inputs() -> np.ndarray:
+        from covfast.engine.runtime import OnnxRuntimeEngine, ensure_onnx
+
+        x = torch.from_numpy(sample_calibration_slices())
+        engines = {n: OnnxRuntimeEngine(ensure_onnx(card["file"], cache_dir)["path"]) for n, card in priors.items()}
+        prob = _run_networks(_runners(engines, DEFAULT_TTA), x)[0]
+        return multiclass_input(x, prob).numpy()
+
+    key = "+prior-".join([sample_calibration_key(), *(card["sha256"][:16] for card in priors.values())])
+    return key, inputs
 
 
 def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: bool = True,
@@ -253,8 +281,6 @@ def _run_networks(runners: dict[str, Callable], x: torch.Tensor):
     (batch -> probabilities). ``prob`` is the single-class probability, averaged with the partner's when it runs;
     ``own`` the Inf-Net's alone (what the diagnosis stage reads).
     """
-    from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
-
     own, features = runners[SINGLE_CLASS](x)
     prob = (own + runners[PARTNER](x)) * 0.5 if PARTNER in runners else own
     if MULTI_CLASS not in runners:
@@ -263,10 +289,16 @@ def _run_networks(runners: dict[str, Callable], x: torch.Tensor):
     class_prob[:, 0] = 1.0
     found = torch.nonzero(prob.flatten(1).amax(dim=1) >= MULTICLASS_MIN_PROB)[:, 0]
     if len(found):
-        # The multi-class network takes the single-class probability as its prior channel, standardised like a slice.
-        prior = (prob[found] - PIXEL_MEAN) / PIXEL_STD
-        class_prob[found] = runners[MULTI_CLASS](torch.cat([x[found], prior], dim=1))
+        class_prob[found] = runners[MULTI_CLASS](multiclass_input(x[found], prob[found]))
     return prob, class_prob, features, own
+
+
+def multiclass_input(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """The multi-class network's input: standardised slices [N, 1, S, S] with the single-class probability [N, 1, S,
+    S] as the prior channel, standardised like a slice -> [N, 2, S, S]."""
+    from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
+
+    return torch.cat([x, (prob - PIXEL_MEAN) / PIXEL_STD], dim=1)
 
 
 def _runners(engines: dict, tta: str = "none") -> dict[str, Callable]:
