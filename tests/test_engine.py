@@ -280,3 +280,16 @@ def test_ensure_onnx_reexports_a_file_without_the_features_output(tmp_path):
     onnx.save(proto, first["path"])
     again = ensure_onnx(weights, tmp_path / "engines")
     assert not again["reused"] and again["metadata"]["outputs"] == "prob,features"
+
+
+def test_unwritable_engine_cache_falls_back_to_torch_under_auto(multiclass_build, monkeypatch, tmp_path):
+    _, weights, _ = multiclass_build
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    chosen = select_engine("auto", weights, device="cpu", cache_dir=blocker / "engines")
+    assert chosen.engine.name == "torch-cpu"
+    reason = dict(chosen.skipped)["onnx"]
+    assert "cannot write the ONNX files" in reason and "COVFAST_ENGINE_DIR" in reason
+    with pytest.raises(UsageError, match="--engine onnx: cannot write"):
+        select_engine("onnx", weights, device="cpu", cache_dir=blocker / "engines")

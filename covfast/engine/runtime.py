@@ -300,6 +300,13 @@ def select_engine(
             if kind == "onnx" or precision == "int8":
                 raise UsageError(f"--engine onnx needs onnx and onnxruntime (pip install covfast[onnx]): {exc}") from None
             skipped.append(("onnx", f"onnx/onnxruntime not installed ({exc})"))
+        except OSError as exc:
+            reason = (f"cannot write the ONNX files to {cache_dir} ({exc.strerror or exc}); set COVFAST_ENGINE_DIR to "
+                      "a writable folder")
+            if kind == "onnx" or precision == "int8":
+                raise UsageError(f"--engine onnx: {reason}") from None
+            log.warning("%s: onnxruntime passed over (torch on the CPU is slower): %s", model_file.stem, reason)
+            skipped.append(("onnx", reason))
     return Selection(TorchEngine(model, "cpu", precision or "fp32"), skipped)
 
 
