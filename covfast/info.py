@@ -83,6 +83,11 @@ def collect_info() -> dict:
         if importlib.util.find_spec("tensorrt")
         else {"available": False, "reason": "tensorrt is not installed (pip install 'covfast[trt]' on a CUDA machine)"},
     }
+    if backends["onnxruntime"]["available"]:
+        from covfast.engine.quantize import cpu_has_vnni
+
+        # What `--engine auto` runs on this CPU (see covfast.engine.runtime).
+        backends["onnxruntime"]["cpu_default"] = "int8 (VNNI)" if cpu_has_vnni() else "fp32 (no 8-bit dot products)"
     try:
         from covfast import _backend
 

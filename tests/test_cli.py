@@ -143,6 +143,10 @@ def test_info_lists_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["extensions"]["covfast._C"]["available"] is True
     assert set(info["backends"]) == {"cpp", "cuda", "triton", "onnxruntime", "tensorrt"}
+    if info["backends"]["onnxruntime"]["available"]:
+        from covfast.engine.quantize import cpu_has_vnni
+
+        assert info["backends"]["onnxruntime"]["cpu_default"].startswith("int8" if cpu_has_vnni() else "fp32")
     assert info["devices"][0]["type"] == "cpu"
     assert main(["info"]) == 0
     assert "backends:" in capsys.readouterr().out

@@ -10,7 +10,8 @@ Optional keys: ``"init": {"run": NAME, "prefix": "backbone.", "file": "final.saf
 weights of another run's ``final.safetensors`` (or the ``file`` named, e.g. ``fold0.safetensors``; ``"{model}"`` means
 the same fit's model of that run: ``fold<k>.safetensors`` in CV fold k, ``final.safetensors`` in the final fit, so a
 two-stage recipe cross-validates cleanly); ``"prior": {"run": NAME}`` feeds that single-class run's prediction (fold model in CV,
-final model otherwise) as the second input channel; ``"negatives": {..., "mix": {"labelled": P, GROUP: P, ...}}``
+final model otherwise) as the second input channel (``{"runs": [NAME, ...]}``: the mean of their predictions, as the
+pipeline averages its ensemble); ``"negatives": {..., "mix": {"labelled": P, GROUP: P, ...}}``
 adds infection-free slices (:func:`training.negatives.load_negatives`) to the labelled training slices and draws
 each group with the given probability.
 """
@@ -100,10 +101,14 @@ def _augment(recipe: dict) -> AugmentConfig | None:
 
 
 def _priors(recipe: dict, runs: Path, model_file: str, images: torch.Tensor) -> torch.Tensor | None:
-    if not recipe.get("prior"):
+    """The prior channel: the prediction of the ``prior`` run's model, or the mean of the ``prior`` runs' models (the
+    pipeline's ensemble), for the same fit (``model_file``)."""
+    spec = recipe.get("prior")
+    if not spec:
         return None
-    prior_model = load_model(runs / recipe["prior"]["run"] / model_file, images.device)
-    return predict(prior_model, images, "infection")
+    names = spec["runs"] if "runs" in spec else [spec["run"]]
+    return sum(predict(load_model(runs / name / model_file, images.device), images, "infection")
+               for name in names) / len(names)
 
 
 def _save(model, out: Path, recipe: dict, meta: dict) -> str:
