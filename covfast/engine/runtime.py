@@ -272,7 +272,8 @@ def select_engine(
     model = load_model(model_file)
 
     if precision == "int8":
-        skipped.append(("tensorrt", "int8 was asked for: onnxruntime on the CPU runs it"))
+        if kind == "auto":
+            skipped.append(("tensorrt", "int8 was asked for: onnxruntime on the CPU runs it"))
     elif kind in ("auto", "tensorrt"):
         try:
             if not cuda:

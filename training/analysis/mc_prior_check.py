@@ -2,6 +2,8 @@
 
     python training/analysis/mc_prior_check.py --fold 0 --tta h \
         runs/s3/infnet_long_v2/fold0.safetensors runs/s6/unet_long_aug/fold0.safetensors
+    python training/analysis/mc_prior_check.py --folds 0,1,2,3,4 --multiclass "runs/s9/multiclass_ens/fold{k}.safetensors" \
+        "runs/s3/infnet_long_v2/fold{k}.safetensors" "runs/s8/unet_long_aug_v2/fold{k}.safetensors"
 
 The prior is the mean probability of the single-class models (one: that model's; two: the pipeline's ensemble), as
 the infection stage feeds it to the multi-class network. With ``--tta`` both networks also run on flipped slices,
@@ -11,6 +13,9 @@ Prints GGO and consolidation Dice over the fold's slices and over the slices whe
 """
 
 import argparse
+import json
+import shlex
+import sys
 
 import torch
 
@@ -35,23 +40,39 @@ def multiclass_probs(priors: list, multi, x: torch.Tensor, flips: list) -> torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("priors", nargs="+", help="single-class fold model files (averaged)")
-    ap.add_argument("--multiclass", default="runs/cpu/multiclass_cpu/fold0.safetensors")
+    ap.add_argument("priors", nargs="+", help="single-class fold model files (averaged); {k} = fold")
+    ap.add_argument("--multiclass", default="runs/cpu/multiclass_cpu/fold0.safetensors", help="{k} = fold")
     ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--folds", help="comma-separated folds, pooled (overrides --fold)")
     ap.add_argument("--tta", default="h", choices=tuple(FLIPS))
     ap.add_argument("--data", default="../shared/data/infnet-semiseg")
+    ap.add_argument("--json", help="write the pooled scores here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     lab = load_labelled(args.data, 256, "multiclass")
-    val = lab.subset(cv_folds(len(lab.names), 5, 0)[args.fold])
-    with torch.no_grad():
-        probs = multiclass_probs([load_model(p) for p in args.priors], load_model(args.multiclass), val.images,
-                                 FLIPS[args.tta])
-    per = score(probs, val.native_targets, val.names, "multiclass")
+    split = cv_folds(len(lab.names), 5, 0)
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else [args.fold]
+    per = []
+    for k in folds:
+        val = lab.subset(split[k])
+        with torch.no_grad():
+            probs = multiclass_probs([load_model(p.format(k=k)) for p in args.priors],
+                                     load_model(args.multiclass.format(k=k)), val.images, FLIPS[args.tta])
+        per += score(probs, val.native_targets, val.names, "multiclass")
+    found = {}
     for cls in ("ggo", "consolidation"):
         s = summarize([p[cls] for p in per])
+        found[cls] = {"dice": round(s["dice"]["mean"], 4), "dice_present": round(s["dice_present"]["mean"], 4),
+                      "dice_present_ci95": [round(v, 4) for v in s["dice_present"]["ci95"]],
+                      "present_slices": s["dice_present"]["n"]}
         print(cls, "dice", round(s["dice"]["mean"], 3), "dice_present", round(s["dice_present"]["mean"], 3),
               f"({s['dice_present']['n']} slices)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"folds": folds, "slices": len(per), "tta": args.tta, "priors": args.priors,
+                       "multiclass": args.multiclass, "scores": found,
+                       "command": shlex.join(["python", "training/analysis/mc_prior_check.py", *sys.argv[1:]])},
+                      f, indent=2)
 
 
 if __name__ == "__main__":
