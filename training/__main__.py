@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cv-run", action="append", default=[], help="run folder whose fold<k>.json scores go into the card (repeat)"
     )
     ship.add_argument("--ensemble-check", help="ensemble_check.py --json output kept in the card (ensemble members)")
+    ship.add_argument("--prior-check", help="mc_prior_check.py --json output kept in the card (multi-class models)")
     ship.add_argument("--dest", help="install into this folder instead of covfast/weights (to check a candidate)")
     score = sub.add_parser("score", help="score a single-class model file on one CV fold of the labelled slices")
     score.add_argument("model", help="a .safetensors model file")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = Path(args.dest) if args.dest else WEIGHTS
         card = ship(
             args.run_dir, args.name, args.task, args.train_command, dest, args.model, args.volume_check, args.cv_run,
-            args.ensemble_check,
+            args.ensemble_check, args.prior_check,
         )
         print(f"{card['name']}: {card['params']} parameters, sha256 {card['sha256']}")
         return 0

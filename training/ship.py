@@ -20,6 +20,10 @@ PRIOR_NOTE = (
     " Second input channel: the probability map of the single-class model of recipe.prior.run, as the installed "
     "infnet model supplies it at inference."
 )
+PRIORS_NOTE = (
+    " Second input channel: the mean probability of the single-class models of recipe.prior.runs, the networks the "
+    "infection stage averages (installed infnet and infection_unet), as it supplies it at inference."
+)
 NEGATIVES_NOTE = (
     "Specificity fine-tune (recipe.negatives): COVID-CT-MD P001 slices labelled infection-free (more than "
     "recipe.negatives.ctmd.gap slices from a labelled one), mapped as at inference, with empty targets, and the "
@@ -70,11 +74,12 @@ def fold_summary(run_dir: str | Path, task: str) -> dict | None:
 def _validation(
     run_dir: Path, model: str, volume_check: str | Path | None, task: str = "infection", cv_runs: tuple = (),
     ensemble_check: str | Path | None = None,
+    prior_check: str | Path | None = None,
 ) -> dict:
     """The card's validation block: 5-fold CV (``cv.json``) for a final fit, the held-out fold for a fold model,
     the pooled folds of each of ``cv_runs`` (e.g. an earlier run of the recipe), plus the per-case slice flags of a
-    ``check-volumes`` summary and the out-of-fold ensemble scores of ``training/analysis/ensemble_check.py --json``
-    when given."""
+    ``check-volumes`` summary, the out-of-fold ensemble scores of ``training/analysis/ensemble_check.py --json``
+    and the multi-class scores of ``training/analysis/mc_prior_check.py --json`` when given."""
     if model.startswith("fold"):
         fold = json.loads((run_dir / f"{model}.json").read_text())
         validation = {
@@ -109,6 +114,12 @@ def _validation(
             "pooled": {name: scores for name, scores in found["pooled"].items() if "@" not in name},
             "paired_dice": found.get("paired", {}),
         }
+    if prior_check is not None:
+        validation["pipeline_prior"] = {
+            "protocol": "each fold's multi-class model scored on its held-out slices with the prior the pipeline "
+            "gives it (mean probability of that fold's single-class models, flips as at inference)",
+            **json.loads(Path(prior_check).read_text()),
+        }
     if volume_check is not None:
         summary = json.loads(Path(volume_check).read_text())
         validation["covid_ct_md_slice_flags"] = {
@@ -129,6 +140,7 @@ def ship(
     volume_check: str | Path | None = None,
     cv_runs: tuple[str | Path, ...] = (),
     ensemble_check: str | Path | None = None,
+    prior_check: str | Path | None = None,
 ) -> dict:
     """Copy ``run_dir/<model>.safetensors`` to ``weights_dir/<name>.safetensors`` and write ``<name>.json``.
 
@@ -145,6 +157,8 @@ def ship(
             a final fit validated by cross-validation runs made elsewhere or with a partly different recipe.
         ensemble_check: optional ``--json`` output of ``training/analysis/ensemble_check.py`` for a model shipped as
             an ensemble member (the out-of-fold scores of the ensemble it joins).
+        prior_check: optional ``--json`` output of ``training/analysis/mc_prior_check.py`` for a multi-class model
+            (its folds scored with the pipeline's prior).
 
     Returns:
         the model card.
@@ -159,7 +173,7 @@ def ship(
     shutil.copyfile(run_dir / f"{model}.safetensors", dest)
     data_note = DATA_NOTE + (PRETRAIN_NOTE if final["recipe"].get("init") else "") + "."
     if final["recipe"].get("prior"):
-        data_note += PRIOR_NOTE
+        data_note += PRIORS_NOTE if "runs" in final["recipe"]["prior"] else PRIOR_NOTE
     if final["recipe"].get("negatives"):
         data_note += " " + NEGATIVES_NOTE
     card = {
@@ -173,7 +187,7 @@ def ship(
         "recipe": final["recipe"],
         "command": command,
         "training": {"device": final.get("device"), "fit_seconds": final.get("final_seconds", final.get("seconds"))},
-        "validation": _validation(run_dir, model, volume_check, task, cv_runs, ensemble_check),
+        "validation": _validation(run_dir, model, volume_check, task, cv_runs, ensemble_check, prior_check),
         "sha256": sha256_file(dest),
     }
     (weights_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
