@@ -60,8 +60,9 @@ def infer(
         progress: optional callable(n_done, n_total) for the infection network.
         engine: inference engine of the infection networks: ``auto`` (TensorRT, torch on CUDA, onnxruntime, torch
             on the CPU, the first that is available), ``torch``, ``onnx`` or ``tensorrt``.
-        precision: network precision: None (fp32, or the cached TensorRT engine's), ``fp32``, or ``bf16`` / ``fp16``
-            (torch autocast; onnxruntime runs fp32 only, so ``auto`` then takes torch).
+        precision: network precision: None (the cached TensorRT engine's on a GPU; under ``auto`` on a CPU int8 where
+            it has 8-bit dot products, else fp32), ``fp32``, ``int8`` (onnxruntime on the CPU) or ``bf16`` / ``fp16``
+            (torch autocast or TensorRT; onnxruntime runs fp32 or int8, so ``auto`` then takes torch).
         tta: test-time augmentation of the infection networks: None (the default,
             :data:`covfast.pipeline.infection.DEFAULT_TTA`, ``h``), ``none``, ``h`` (also the horizontally flipped slice) or
             ``hv`` (also the vertically flipped one); the probabilities are averaged.

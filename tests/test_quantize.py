@@ -26,11 +26,11 @@ needs_weights = pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped in
 
 
 @pytest.fixture
-def engine_dir(request, monkeypatch):
-    """The pytest cache's engine folder (quantizing the shipped networks takes seconds: done once per cache)."""
-    folder = request.config.cache.mkdir("covfast_engines")
-    monkeypatch.setenv("COVFAST_ENGINE_DIR", str(folder))
-    return folder
+def engine_dir():
+    """The test run's engine folder (conftest.py; quantizing the shipped networks takes seconds: done once there)."""
+    from covfast.engine import default_cache_dir
+
+    return default_cache_dir()
 
 
 def test_cpu_has_vnni_reads_the_flags():

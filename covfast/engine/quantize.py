@@ -15,6 +15,7 @@ SHA-256, the calibration's SHA-256 and :data:`QUANT_VERSION`; it is made again w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import tempfile
@@ -33,6 +34,15 @@ CALIBRATION_BATCH = 8
 log = logging.getLogger("covfast")
 
 
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str | None:
+    """Text of ``/proc/cpuinfo``, read once per process; None where it does not exist."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
 def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has 8-bit dot-product instructions (x86 AVX-512 VNNI / AVX-VNNI / AMX, or Arm dot product).
 
@@ -42,9 +52,8 @@ def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
         cpuinfo: text of ``/proc/cpuinfo`` (default: read it; False where it does not exist).
     """
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
+        cpuinfo = _cpuinfo()
+        if cpuinfo is None:
             return False
     flags = set()
     for line in cpuinfo.splitlines():
@@ -129,6 +138,7 @@ def int8_path(fp32_path: str | Path) -> Path:
     return fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
 
 
+@functools.lru_cache(maxsize=1)
 def sample_calibration_key() -> str:
     """What identifies :func:`sample_calibration_slices`' inputs: the sample volume's SHA-256 and the slice count."""
     from covfast.io import sample_path
@@ -153,18 +163,20 @@ def ensure_int8_onnx(model_file: str | Path, out_dir: str | Path,
     Returns:
         dict with ``path``, ``metadata``, ``reused``.
     """
-    from covfast.engine.runtime import ensure_onnx
+    from covfast.engine.runtime import ensure_onnx, is_current_export
+    from covfast.nn import sha256_file
 
+    model_file = Path(model_file)
     key, make_inputs = calibration or (sample_calibration_key(), sample_calibration_slices)
-    exported = ensure_onnx(model_file, out_dir)
     wanted = {"quantization": f"int8-qdq-v{QUANT_VERSION}", "calibration": key}
-    path = int8_path(exported["path"])
+    path = int8_path(Path(out_dir) / f"{model_file.stem}.onnx")
     if path.exists():
+        # The int8 file carries its float32 export's metadata, so a current one is used without reading that export.
         metadata = read_metadata(path)
-        if metadata.get("model_sha256") == exported["metadata"]["model_sha256"] and all(
-                metadata.get(k) == v for k, v in wanted.items()):
+        if is_current_export(metadata, sha256_file(model_file)) and all(metadata.get(k) == v for k, v in wanted.items()):
             return {"path": str(path), "metadata": metadata, "reused": True}
-    log.info("quantizing %s to int8 for onnxruntime (once per weights; kept in %s)", Path(model_file).stem, out_dir)
+    exported = ensure_onnx(model_file, out_dir)
+    log.info("quantizing %s to int8 for onnxruntime (once per weights; kept in %s)", model_file.stem, out_dir)
     inputs = make_inputs()
     wanted.update(calibration_sha256=calibration_sha256(inputs), calibration_slices=str(len(inputs)))
     return {**quantize_onnx(exported["path"], path, inputs, wanted), "reused": False}

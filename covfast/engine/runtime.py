@@ -61,6 +61,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("COVFAST_ENGINE_DIR") or Path.home() / ".cache" / "covfast" / "engines")
 
 
+def is_current_export(metadata: dict, model_sha256: str) -> bool:
+    """Whether an ONNX file's metadata (:func:`~covfast.engine.onnx_export.read_metadata`) says it was exported from
+    the weights with this SHA-256 by this exporter (exports older than the ``outputs`` entry lack the Inf-Net's
+    features output and are made again)."""
+    return metadata.get("model_sha256") == model_sha256 and metadata.get("opset") == str(OPSET) and \
+        "outputs" in metadata
+
+
 def ensure_onnx(model_file: str | Path, out_dir: str | Path) -> dict:
     """The ONNX export of a covfast weights file in ``out_dir``, reused when it was exported from the same weights.
 
@@ -78,8 +86,7 @@ def ensure_onnx(model_file: str | Path, out_dir: str | Path) -> dict:
     path = Path(out_dir) / f"{model_file.stem}.onnx"
     if path.exists():
         metadata = read_metadata(path)
-        # Exports older than the ``outputs`` entry lack the Inf-Net's features output: made again.
-        if metadata.get("model_sha256") == sha and metadata.get("opset") == str(OPSET) and "outputs" in metadata:
+        if is_current_export(metadata, sha):
             return {"path": str(path), "metadata": metadata, "reused": True}
     arch, config = read_architecture(model_file)
     log.info("exporting %s to ONNX for onnxruntime (once per weights; kept in %s)", model_file.stem, out_dir)

@@ -236,10 +236,8 @@ def int8_calibration(name: str, weights_dir: str | Path, cache_dir: str | Path) 
     def inputs() -> np.ndarray:
         from covfast.engine.runtime import OnnxRuntimeEngine, ensure_onnx
 
-        x = torch.from_numpy(sample_calibration_slices())
         engines = {n: OnnxRuntimeEngine(ensure_onnx(card["file"], cache_dir)["path"]) for n, card in priors.items()}
-        prob = _run_networks(_runners(engines, DEFAULT_TTA), x)[0]
-        return multiclass_input(x, prob).numpy()
+        return multiclass_calibration(engines, torch.from_numpy(sample_calibration_slices()))
 
     key = "+prior-".join([sample_calibration_key(), *(card["sha256"][:16] for card in priors.values())])
     return key, inputs
@@ -255,7 +253,7 @@ def infection_engines(engine: str = "auto", device: str = "cpu", multiclass: boo
         device: ``cpu`` or ``cuda``.
         multiclass: include the GGO / consolidation model when installed.
         weights_dir: folder of installed weights.
-        precision: ``fp32``, ``fp16``, ``bf16`` or None (see :func:`covfast.engine.select_engine`).
+        precision: ``fp32``, ``fp16``, ``bf16``, ``int8`` or None (see :func:`covfast.engine.select_engine`).
         ensemble: include the single-class U-Net partner (:data:`PARTNER`) when installed.
 
     Returns:
@@ -291,6 +289,13 @@ def _run_networks(runners: dict[str, Callable], x: torch.Tensor):
     if len(found):
         class_prob[found] = runners[MULTI_CLASS](multiclass_input(x[found], prob[found]))
     return prob, class_prob, features, own
+
+
+def multiclass_calibration(engines: dict, x: torch.Tensor, tta: str = DEFAULT_TTA) -> np.ndarray:
+    """Calibration inputs of the multi-class network's int8 graph: standardised slices ``x`` [N, 1, S, S] with the
+    prior the single-class ``engines`` (by model name) give them in the pipeline -> [N, 2, S, S] float32."""
+    prob = _run_networks(_runners(engines, tta), x)[0]
+    return multiclass_input(x, prob).numpy()
 
 
 def multiclass_input(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
@@ -556,7 +561,8 @@ def segment_infection(
         progress: optional callable(n_done, n_total) called after each batch.
         weights_dir: folder of installed weights.
         engine: ``auto``, ``torch``, ``onnx`` or ``tensorrt`` (see :func:`covfast.engine.select_engine`).
-        precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
+        precision: network precision, ``fp32``, ``fp16``, ``bf16``, ``int8`` or None (see
+            :func:`covfast.engine.select_engine`).
         tta: test-time augmentation, one of :data:`TTA_CHOICES` (see the module docstring).
         ensemble: average the U-Net partner's probability into the Inf-Net's when installed (module docstring).
 

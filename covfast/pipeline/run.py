@@ -206,7 +206,7 @@ def analyze(
             after a network segmentation.
         engine: inference engine of the infection networks, ``auto``, ``torch``, ``onnx`` or ``tensorrt``
             (:func:`covfast.engine.select_engine`); what ran is recorded under the report's ``engine`` key.
-        precision: network precision, ``fp32``, ``fp16``, ``bf16`` or None (fp32, or a TensorRT engine's own).
+        precision: network precision, ``fp32``, ``fp16``, ``bf16``, ``int8`` or None (see :func:`covfast.infer`).
         tta: test-time augmentation of the infection networks (:data:`covfast.pipeline.infection.TTA_CHOICES`;
             None: the default), recorded under the report's ``infection_source``.
         ensemble: average the U-Net partner's infection probability into the Inf-Net's when it is installed

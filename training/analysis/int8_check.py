@@ -40,14 +40,6 @@ def engines_for(files: dict, out_dir: str, calibration: dict) -> dict:
     return found
 
 
-def prior_calibration(engines: dict, x: torch.Tensor, tta: str):
-    """Calibration inputs of the multi-class network: the sample slices with the float32 ensemble's prior."""
-    def make():
-        prob = inf._run_networks(inf._runners(engines, tta), x)[0]
-        return inf.multiclass_input(x, prob).numpy()
-    return make
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--infnet", required=True, help="Inf-Net fold weights, {k} = fold")
@@ -107,7 +99,9 @@ def multiclass_scores(args, engines: dict, files: dict, sample: torch.Tensor, ou
     lab = load_labelled(args.data, 256, "multiclass")
     val = lab.subset(cv_folds(len(lab.names), 5, 0)[0])
     x = standardize(model_inputs(val.images, None))
-    calibration = prior_calibration(engines["fp32"], sample, args.tta)
+    def calibration():
+        return inf.multiclass_calibration(engines["fp32"], sample, args.tta)
+
     multi = engines_for({inf.MULTI_CLASS: args.multiclass}, out_dir, {inf.MULTI_CLASS: ("sample+prior", calibration)})
     found = {}
     for precision in ("fp32", "int8"):
