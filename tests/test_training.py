@@ -345,3 +345,46 @@ def test_init_file_model_placeholder_follows_the_fit(tmp_path):
             assert torch.equal(got, expected), key
     first = next(iter(sources["fold2.safetensors"].state_dict().values()))
     assert not torch.equal(first, next(iter(sources["final.safetensors"].state_dict().values())))
+
+
+def test_teacher_targets_are_the_flip_mean_of_the_runs_and_cached_by_their_sha(tmp_path, monkeypatch):
+    from training import recipes
+
+    config = {"in_ch": 1, "widths": [8, 8, 16, 16], "ch": 8, "ra_ch": 8}
+    models = {}
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(i)
+        models[name] = build_model("infnet", **config).eval()
+        (tmp_path / name).mkdir()
+        save_model(models[name], tmp_path / name / "fold1.safetensors", "infnet", config)
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    spec = {"runs": ["a", "b"], "tta": {"a": "h"}}
+    cache = tmp_path / "st" / "teacher_fold1.npz"
+    got = recipes.teacher_targets(spec, tmp_path, "fold1.safetensors", images, cache)
+    prob_a = (predict(models["a"], images, "infection") + predict(models["a"], images.flip(-1), "infection").flip(-1)) / 2
+    expected = ((prob_a + predict(models["b"], images, "infection")) / 2 * 255).round().to(torch.uint8)
+    assert got.dtype == torch.uint8 and got.shape == (3, 1, 32, 32)
+    assert (got.int() - expected.int()).abs().max() <= 1
+    # A second call reads the cache; changing a teacher's weights recomputes.
+    monkeypatch.setattr(recipes, "flip_probs", lambda *a, **k: pytest.fail("recomputed a cached teacher"))
+    assert torch.equal(recipes.teacher_targets(spec, tmp_path, "fold1.safetensors", images, cache), got)
+    torch.manual_seed(7)
+    save_model(build_model("infnet", **config), tmp_path / "b" / "fold1.safetensors", "infnet", config)
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        recipes.teacher_targets(spec, tmp_path, "fold1.safetensors", images, cache)
+
+
+def test_with_teacher_blends_the_published_pseudo_labels(tmp_path, monkeypatch):
+    from training import recipes
+
+    teacher = torch.full((2, 1, 8, 8), 200, dtype=torch.uint8)
+    monkeypatch.setattr(recipes, "teacher_targets", lambda *a, **k: teacher)
+    pseudo = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    pseudo[0] = 255
+    unlabelled = SliceSet(["u0", "u1"], torch.zeros(2, 1, 8, 8, dtype=torch.uint8), pseudo)
+    recipe = {"name": "st", "teacher": {"runs": ["a"], "pseudo_weight": 0.5}}
+    groups = recipes._with_teacher(recipe, tmp_path, {"ctmd": "kept"}, unlabelled, "fold0.safetensors")
+    assert groups["ctmd"] == "kept"
+    assert groups["teacher"].targets[0].unique().tolist() == [228]  # round((200 + 255) / 2)
+    assert groups["teacher"].targets[1].unique().tolist() == [100]
+    assert recipes._with_teacher({"name": "x"}, tmp_path, None, unlabelled, "final.safetensors") is None

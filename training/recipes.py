@@ -13,15 +13,21 @@ two-stage recipe cross-validates cleanly); ``"prior": {"run": NAME}`` feeds that
 final model otherwise) as the second input channel (``{"runs": [NAME, ...]}``: the mean of their predictions, as the
 pipeline averages its ensemble); ``"negatives": {..., "mix": {"labelled": P, GROUP: P, ...}}``
 adds infection-free slices (:func:`training.negatives.load_negatives`) to the labelled training slices and draws
-each group with the given probability.
+each group with the given probability; ``"teacher": {"runs": [NAME, ...], "tta": {NAME: "h"}, "pseudo_weight": W}`` adds the group
+``"teacher"`` (name it in ``mix``; the teacher's own ``"mix"`` when the recipe has no ``negatives``): the 1,600 unlabelled slices with soft targets = the mean probability of those
+runs' models for the same fit (self-training; in CV fold k the fold-k models, which never saw fold k), cached in
+``<runs>/<name>/teacher_<fit>.npz`` keyed by the teacher files' SHA-256; with ``pseudo_weight`` W the target is
+(1 - W) x teacher + W x the slice's published Semi-Inf-Net pseudo label.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -29,7 +35,7 @@ from covfast.evaluate import summarize
 from covfast.nn import build_model, count_parameters, load_model, save_model
 from training.augment import AugmentConfig
 from training.data import SliceSet, cv_folds, load_labelled, load_unlabelled
-from training.loops import OptimConfig, predict, score, train_inpainting, train_segmentation
+from training.loops import OptimConfig, flip_probs, predict, score, train_inpainting, train_segmentation
 from training.negatives import load_negatives
 from training.ship import fold_summary
 
@@ -111,6 +117,50 @@ def _priors(recipe: dict, runs: Path, model_file: str, images: torch.Tensor) -> 
                for name in names) / len(names)
 
 
+def teacher_targets(spec: dict, runs: Path, model_file: str, images: torch.Tensor, cache: Path) -> torch.Tensor:
+    """[N, 1, S, S] uint8 soft targets (0..255): the mean probability of the ``spec["runs"]`` models ``model_file``.
+
+    Args:
+        spec: the recipe's ``teacher`` entry: ``{"runs": [NAME, ...], "tta": {NAME: "none" | "h" | "hv"}}``.
+        runs: the runs folder holding ``<NAME>/<model_file>``.
+        model_file: ``fold<k>.safetensors`` or ``final.safetensors``.
+        images: [N, 1, S, S] uint8 slices (the unlabelled set) on the training device.
+        cache: ``.npz`` file reused while the teacher files' SHA-256 match.
+    """
+    files = [runs / name / model_file for name in spec["runs"]]
+    key = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in files)).hexdigest()
+    key += "|" + json.dumps(spec.get("tta", {}), sort_keys=True) + f"|{tuple(images.shape)}"
+    if cache.exists():
+        with np.load(cache) as saved:
+            if str(saved["key"]) == key:
+                return torch.from_numpy(saved["targets"]).to(images.device)
+    t0 = time.perf_counter()
+    prob = sum(
+        flip_probs(load_model(f, images.device), images, spec.get("tta", {}).get(name, "none"))
+        for name, f in zip(spec["runs"], files)
+    ) / len(files)
+    targets = (prob * 255).round().clamp(0, 255).to(torch.uint8)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache, targets=targets.cpu().numpy(), key=np.array(key))
+    print(f"teacher {model_file}: {len(images)} slices in {time.perf_counter() - t0:.0f}s", flush=True)
+    return targets
+
+
+def _with_teacher(recipe, runs, negatives, unlabelled, model_file) -> dict | None:
+    """The negative groups plus the ``teacher`` group for one fit (``model_file``), when the recipe asks for it."""
+    if "teacher" not in recipe:
+        return negatives
+    spec = recipe["teacher"]
+    cache = runs / recipe["name"] / f"teacher_{Path(model_file).stem}.npz"
+    targets = teacher_targets(spec, runs, model_file, unlabelled.images, cache).cpu()
+    if spec.get("pseudo_weight"):
+        # Blend with the slices' published Semi-Inf-Net pseudo labels: where the two teachers disagree the target
+        # stays soft (our networks, trained on tight MedSeg lung crops, fire on the chest wall of these wider crops).
+        w = float(spec["pseudo_weight"])
+        targets = ((1 - w) * targets.float() + w * unlabelled.targets.float()).round().to(torch.uint8)
+    return {**(negatives or {}), "teacher": SliceSet(unlabelled.names, unlabelled.images.cpu(), targets)}
+
+
 def _save(model, out: Path, recipe: dict, meta: dict) -> str:
     spec = recipe["model"]
     sha = save_model(model, out, spec["arch"], spec.get("config", {}))
@@ -169,7 +219,8 @@ def _fit(
     task = recipe.get("task", "infection")
     weights = None
     if negatives:
-        slices, weights = _with_negatives(slices, negatives, recipe["negatives"]["mix"])
+        mix = recipe["negatives"]["mix"] if "negatives" in recipe else recipe["teacher"]["mix"]
+        slices, weights = _with_negatives(slices, negatives, mix)
         soft = True
         note += f"; {len(slices.names)} slices with negatives"
     log = train_segmentation(
@@ -208,6 +259,9 @@ def run_segment(
     labelled = load_labelled(data, size, task)
     all_images = labelled.images.to(device)
     negatives = load_negatives(recipe["negatives"], data, size) if recipe.get("negatives") else None
+    unlabelled = load_unlabelled(data, size) if "teacher" in recipe else None
+    if unlabelled is not None:
+        unlabelled.images = unlabelled.images.to(device)
     split = cv_folds(len(labelled.names), 5, recipe.get("split_seed", 0))
     for k in folds:
         val = split[k]
@@ -221,7 +275,7 @@ def run_segment(
             seed + k,
             out_dir / f"fold{k}.pt",
             priors=None if priors is None else priors[train],
-            negatives=negatives,
+            negatives=_with_teacher(recipe, runs, negatives, unlabelled, f"fold{k}.safetensors"),
             model_file=f"fold{k}.safetensors",
         )
         val_set = labelled.subset(val)
@@ -242,7 +296,8 @@ def run_segment(
     if final:
         priors = _priors(recipe, runs, "final.safetensors", all_images)
         model, note, log = _fit(
-            recipe, runs, labelled, device, seed, out_dir / "final.pt", priors=priors, negatives=negatives
+            recipe, runs, labelled, device, seed, out_dir / "final.pt", priors=priors,
+            negatives=_with_teacher(recipe, runs, negatives, unlabelled, "final.safetensors"),
         )
         summary.update(model=note, final_seconds=log.seconds)
         _save(model, out_dir / "final.safetensors", recipe, summary)

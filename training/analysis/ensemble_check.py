@@ -16,23 +16,15 @@ import shlex
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from covfast.evaluate import _interval, summarize
 from covfast.nn import load_model
 from training.data import cv_folds, load_labelled
-from training.loops import predict, score
+from training.loops import flip_probs, score
 
 KEYS = ("dice", "dice_mean256", "iou", "sensitivity", "specificity", "mae")
 THRESHOLDS = (0.3, 0.4, 0.6)  # besides 0.5
-
-
-def flip_probs(model, images: torch.Tensor, tta: str) -> torch.Tensor:
-    """Probabilities averaged over the identity and the flips of ``tta`` ("none", "h" or "hv")."""
-    dims = {"none": [], "h": [-1], "hv": [-1, -2]}[tta]
-    with torch.no_grad():
-        probs = [predict(model, images, "infection")]
-        probs += [predict(model, images.flip(d), "infection").flip(d) for d in dims]
-    return sum(probs) / len(probs)
 
 
 def paired_dice(per: dict, first: str, second: str) -> dict:
@@ -51,6 +43,8 @@ def main() -> None:
     ap.add_argument("--tta", default="h", choices=["none", "h", "hv"])
     ap.add_argument("--tta-of", action="append", default=[], metavar="NAME=TTA",
                     help="another test-time augmentation for one model (e.g. unet=none); repeat")
+    ap.add_argument("--size-of", action="append", default=[], metavar="NAME=SIZE",
+                    help="run one model at another input size than 256 (probabilities resized back); repeat")
     ap.add_argument("--data", default="../shared/data/infnet-semiseg")
     ap.add_argument("--json", help="write the pooled numbers here")
     ap.add_argument("--paired", action="append", default=[], metavar="A-B",
@@ -59,13 +53,18 @@ def main() -> None:
     torch.set_num_threads(1)
     specs = dict(m.split("=", 1) for m in args.models)
     tta_of = dict(m.split("=", 1) for m in args.tta_of)
-    labelled = load_labelled(args.data, 256, "infection")
+    size_of = {name: int(size) for name, size in (m.split("=", 1) for m in args.size_of)}
+    sets = {size: load_labelled(args.data, size, "infection") for size in {256, *size_of.values()}}
+    labelled = sets[256]
     split = cv_folds(len(labelled.names), 5, 0)
     per: dict[str, list] = {}
     for k in (int(f) for f in args.folds.split(",")):
         val = labelled.subset(split[k])
-        probs = {name: flip_probs(load_model(p.format(k=k)), val.images, tta_of.get(name, args.tta))
-                 for name, p in specs.items()}
+        probs = {}
+        for name, p in specs.items():
+            images = sets[size_of.get(name, 256)].images[torch.as_tensor(split[k])]
+            prob = flip_probs(load_model(p.format(k=k)), images, tta_of.get(name, args.tta))
+            probs[name] = F.interpolate(prob, size=(256, 256), mode="bilinear", align_corners=False)
         combos = {name: [name] for name in specs}
         for r in range(2, len(specs) + 1):
             combos.update({"+".join(c): list(c) for c in itertools.combinations(specs, r)})
@@ -90,7 +89,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             command = shlex.join(["python", "training/analysis/ensemble_check.py", *sys.argv[1:]])
-            found = {"folds": args.folds, "tta": args.tta, "tta_of": tta_of, "models": specs, "pooled": pooled,
+            found = {"folds": args.folds, "tta": args.tta, "tta_of": tta_of, "size_of": size_of, "models": specs, "pooled": pooled,
                      "paired": paired, "command": command}
             json.dump(found, f, indent=2)
 

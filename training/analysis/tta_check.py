@@ -6,9 +6,8 @@ import torch
 
 from covfast.evaluate import summarize
 from covfast.nn import load_model
-from training.analysis.ensemble_check import flip_probs
 from training.data import cv_folds, load_labelled
-from training.loops import score
+from training.loops import flip_probs, score
 
 torch.set_num_threads(1)
 data = "../shared/data/infnet-semiseg"
