@@ -27,15 +27,16 @@ from training.loops import predict, score
 FLIPS = {"none": [], "h": [(-1,)], "hv": [(-1,), (-2,)]}
 
 
-def multiclass_probs(priors: list, multi, x: torch.Tensor, flips: list) -> torch.Tensor:
-    """[N, 3, S, S] class probabilities of ``multi`` with the mean probability of ``priors`` as its prior."""
+def prior_and_classes(priors: list, multi, x: torch.Tensor, flips: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, 1, S, S] prior, [N, 3, S, S] class probabilities): the mean probability of ``priors`` over the flips, and
+    ``multi``'s class probabilities with it as its prior."""
     def single(t: torch.Tensor) -> torch.Tensor:
         return sum(predict(m, t, "infection") for m in priors) / len(priors)
 
     prior = (single(x) + sum(single(x.flip(d)).flip(d) for d in flips)) / (1 + len(flips))
     out = predict(multi, x, "multiclass", prior)
     out = out + sum(predict(multi, x.flip(d), "multiclass", prior.flip(d)).flip(d) for d in flips)
-    return out / (1 + len(flips))
+    return prior, out / (1 + len(flips))
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     for k in folds:
         val = lab.subset(split[k])
         with torch.no_grad():
-            probs = multiclass_probs([load_model(p.format(k=k)) for p in args.priors],
+            _, probs = prior_and_classes([load_model(p.format(k=k)) for p in args.priors],
                                      load_model(args.multiclass.format(k=k)), val.images, FLIPS[args.tta])
         per += score(probs, val.native_targets, val.names, "multiclass")
     found = {}
