@@ -9,7 +9,7 @@ of the two models, the partner run as the pipeline runs it). Variants: the minim
 pixels and the instance score (mean probability, the shipped rule; maximum probability; mean probability times
 an area factor 1 - exp(-area / a0)); with ``--split``, also the shipped rule with each component split where an
 erosion by r pixels separates it (its pixels go to the nearest eroded part; r = 1, 2, 3, 5), with and without the
-whole component kept as a lower-scored extra detection, and how the ground truth's components sit against the
+whole component kept as a lower-scored extra detection, components of other probability thresholds, and how the ground truth's components sit against the
 predicted ones (covered by one that also covers other ground-truth components, covered alone but at IoU < 0.5,
 not covered). One-off analysis: the rule is chosen on these 50 slices, so its numbers here are optimistic.
 """
@@ -126,6 +126,12 @@ def main() -> None:
                 out[key] = {"ap50": round(float(aps[:, 0].mean()), 4), "ap75": round(float(aps[:, 5].mean()), 4),
                             "map": round(float(aps.mean()), 4)}
                 print(key, out[key], flush=True)
+        for threshold in (0.3, 0.4, 0.6, 0.7, 0.8, 0.9):
+            aps = np.array([slice_ap(extract_instances(p, threshold=threshold), gt) for p, gt in cases])
+            key = f"threshold={threshold}"
+            out[key] = {"ap50": round(float(aps[:, 0].mean()), 4), "ap75": round(float(aps[:, 5].mean()), 4),
+                        "map": round(float(aps.mean()), 4)}
+            print(key, out[key], flush=True)
         out["coverage"] = coverage(cases)
         print("coverage", out["coverage"])
     if args.json:

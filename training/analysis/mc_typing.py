@@ -13,6 +13,9 @@ Out of fold, each fold's multi-class model with the mean of the single-class fol
 * ``prior_region+intensity_type``: the same region, consolidation where the slice, Gaussian-smoothed (sigma 2 px),
   is at least T (8-bit lung window; consolidation is denser than GGO). T is chosen on the other four folds from
   ``--thresholds`` (nested, so out of fold);
+* ``prior_region+logistic_type``: the same region, consolidation where a logistic model of (the network's
+  log-ratio of p(cons) to p(GGO), the smoothed intensity) says so, fitted on the other four folds' truly infected
+  pixels (nested);
 * oracles: ``truth_region+net_type`` and ``truth_region+intensity_type`` (the ground truth's infected region, typed
   by the network or by intensity with the nested T), ``prior_region+truth_type`` (our region, typed by the truth;
   pixels outside the truth's region count as GGO).
@@ -42,6 +45,25 @@ def class_map(region: np.ndarray, consolidation: np.ndarray) -> np.ndarray:
     """[3, H, W] one-hot class map: background outside ``region``, else consolidation or GGO."""
     labels = np.where(region, np.where(consolidation, 2, 1), 0)
     return np.stack([(labels == c).astype(np.float64) for c in range(3)])
+
+
+def type_features(probs: np.ndarray, smooth: np.ndarray) -> np.ndarray:
+    """[H, W, 3]: log(p(cons) / p(GGO)), the smoothed 8-bit intensity (centred, scaled), 1."""
+    ratio = np.clip(probs[2] / np.maximum(probs[1] + probs[2], 1e-6), 1e-4, 1 - 1e-4)
+    return np.stack([np.log(ratio / (1 - ratio)), (smooth - 128) / 40, np.ones_like(smooth)], -1)
+
+
+def fit_logistic(cases) -> np.ndarray:
+    """Newton-fitted logistic weights for consolidation vs GGO over the cases' ground-truth infected pixels."""
+    x = np.concatenate([type_features(probs, smooth)[truth > 0] for _, truth, _, probs, smooth in cases])
+    y = np.concatenate([(truth[truth > 0] == 2).astype(np.float64) for _, truth, _, _, _ in cases])
+    keep = np.random.default_rng(0).choice(len(y), min(len(y), 400_000), replace=False)
+    x, y, w = x[keep], y[keep], np.zeros(3)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-x @ w))
+        hessian = (x * (p * (1 - p))[:, None]).T @ x / len(y) + 1e-6 * np.eye(3)
+        w -= np.linalg.solve(hessian, x.T @ (p - y) / len(y))
+    return w
 
 
 def dice_present(per: list[dict]) -> dict:
@@ -86,6 +108,8 @@ def main() -> None:
                 onehot = class_map(region, probs[2] >= probs[1])
             elif rule.endswith("intensity_type"):
                 onehot = class_map(region, smooth >= t)
+            elif rule.endswith("logistic_type"):
+                onehot = class_map(region, type_features(probs, smooth) @ t >= 0)
             else:  # prior_region+truth_type
                 onehot = class_map(region, truth == 2)
             per.append(multiclass_metrics(onehot, truth))
@@ -104,6 +128,12 @@ def main() -> None:
         found[rule] = dice_present(per)
         for t in thresholds:  # not nested: the whole curve, for reading the trade-off
             found[f"{rule}@{t:g}"] = dice_present(score(rule, cases, t))
+    per = []
+    for k in folds:
+        weights = fit_logistic([c for c in cases if c[0] != k])
+        chosen.setdefault("prior_region+logistic_type", []).append([round(float(v), 3) for v in weights])
+        per += score("prior_region+logistic_type", [c for c in cases if c[0] == k], weights)
+    found["prior_region+logistic_type"] = dice_present(per)
     for rule, scores in found.items():
         print(f"{rule:36s}", scores, chosen.get(rule, ""))
     if args.json:
