@@ -7,7 +7,8 @@
 Each tile: the slice in a lung window (-1350..150 HU), the voxels with infection probability >= 0.5 in red (the
 ``<case>_prob.npz`` that ``python -m training check-volumes`` writes: p x 255 as uint8 on the volume's grid), and in its corner the
 slice index, the radiologists' label from ``labels.json`` (1 = infection marked on that slice) and the infected
-area the pipeline measured.
+area the pipeline measured. With ``--volumes`` (check-volumes' ``volumes.json``), also prints how far each flagged
+slice that the radiologists labelled 0 (infected area >= ``--area`` mm^2) lies from the nearest labelled slice.
 """
 
 import argparse
@@ -28,7 +29,19 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/covid-ct-md")
     ap.add_argument("--out", required=True)
     ap.add_argument("--columns", type=int, default=3)
+    ap.add_argument("--volumes", help="volumes.json of the same check-volumes run")
+    ap.add_argument("--area", type=float, default=100.0, help="flag threshold in mm^2 (with --volumes)")
     args = ap.parse_args()
+    if args.volumes:
+        found = json.loads(Path(args.volumes).read_text())[args.case]
+        area, label = np.array(found["infected_area_mm2"]), np.array(found["labels"])
+        positive = np.flatnonzero(label == 1)
+        flagged_clean = np.flatnonzero((area >= args.area) & (label == 0))
+        if len(positive) and len(flagged_clean):
+            distance = np.abs(flagged_clean[:, None] - positive[None, :]).min(axis=1)
+            print(f"{args.case}: {len(flagged_clean)} flagged label-0 slices; distance to the nearest labelled slice "
+                  f"1-5: {(distance <= 5).sum()}, 6-9: {((distance > 5) & (distance < 10)).sum()}, "
+                  f">= 10: {(distance >= 10).sum()}")
     volume = load_volume(Path(args.data) / args.case)
     labels = json.loads((Path(args.data) / "labels.json").read_text())[args.case]["infection_slice_labels"]
     with np.load(args.prob) as saved:
