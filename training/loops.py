@@ -215,7 +215,6 @@ def predict(
     return torch.cat(outs)
 
 
-
 def flip_probs(model: nn.Module, images: torch.Tensor, tta: str) -> torch.Tensor:
     """Single-class probabilities averaged over the identity and the flips of ``tta`` ("none", "h" or "hv"), the
     pipeline's test-time augmentation (:data:`covfast.pipeline.infection.TTA_CHOICES`)."""
@@ -224,6 +223,7 @@ def flip_probs(model: nn.Module, images: torch.Tensor, tta: str) -> torch.Tensor
         probs = [predict(model, images, "infection")]
         probs += [predict(model, images.flip(d), "infection").flip(d) for d in dims]
     return sum(probs) / len(probs)
+
 
 def score(probs: torch.Tensor, native_targets: list[np.ndarray], names: list[str], task: str) -> list[dict]:
     """Per-slice metrics at each slice's native size (probabilities resized bilinearly)."""

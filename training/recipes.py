@@ -22,7 +22,6 @@ runs' models for the same fit (self-training; in CV fold k the fold-k models, wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from covfast.evaluate import summarize
-from covfast.nn import build_model, count_parameters, load_model, save_model
+from covfast.nn import build_model, count_parameters, load_model, save_model, sha256_file
 from training.augment import AugmentConfig
 from training.data import SliceSet, cv_folds, load_labelled, load_unlabelled
 from training.loops import OptimConfig, flip_probs, predict, score, train_inpainting, train_segmentation
@@ -106,15 +105,22 @@ def _augment(recipe: dict) -> AugmentConfig | None:
     return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
+def _mean_probability(runs: Path, names: list[str], model_file: str, images: torch.Tensor,
+                      tta: dict | None = None) -> torch.Tensor:
+    """[N, 1, S, S] mean single-class probability of the runs' ``model_file`` models, each over its flips in
+    ``tta`` (name -> "none" | "h" | "hv"; default "none")."""
+    tta = tta or {}
+    return sum(flip_probs(load_model(runs / name / model_file, images.device), images, tta.get(name, "none"))
+               for name in names) / len(names)
+
+
 def _priors(recipe: dict, runs: Path, model_file: str, images: torch.Tensor) -> torch.Tensor | None:
     """The prior channel: the prediction of the ``prior`` run's model, or the mean of the ``prior`` runs' models (the
     pipeline's ensemble), for the same fit (``model_file``)."""
     spec = recipe.get("prior")
     if not spec:
         return None
-    names = spec["runs"] if "runs" in spec else [spec["run"]]
-    return sum(predict(load_model(runs / name / model_file, images.device), images, "infection")
-               for name in names) / len(names)
+    return _mean_probability(runs, spec["runs"] if "runs" in spec else [spec["run"]], model_file, images)
 
 
 def teacher_targets(spec: dict, runs: Path, model_file: str, images: torch.Tensor, cache: Path) -> torch.Tensor:
@@ -127,18 +133,14 @@ def teacher_targets(spec: dict, runs: Path, model_file: str, images: torch.Tenso
         images: [N, 1, S, S] uint8 slices (the unlabelled set) on the training device.
         cache: ``.npz`` file reused while the teacher files' SHA-256 match.
     """
-    files = [runs / name / model_file for name in spec["runs"]]
-    key = hashlib.sha256(b"".join(hashlib.sha256(f.read_bytes()).digest() for f in files)).hexdigest()
-    key += "|" + json.dumps(spec.get("tta", {}), sort_keys=True) + f"|{tuple(images.shape)}"
+    shas = [sha256_file(runs / name / model_file) for name in spec["runs"]]
+    key = "|".join([*shas, json.dumps(spec.get("tta", {}), sort_keys=True), str(tuple(images.shape))])
     if cache.exists():
         with np.load(cache) as saved:
             if str(saved["key"]) == key:
                 return torch.from_numpy(saved["targets"]).to(images.device)
     t0 = time.perf_counter()
-    prob = sum(
-        flip_probs(load_model(f, images.device), images, spec.get("tta", {}).get(name, "none"))
-        for name, f in zip(spec["runs"], files)
-    ) / len(files)
+    prob = _mean_probability(runs, spec["runs"], model_file, images, spec.get("tta"))
     targets = (prob * 255).round().clamp(0, 255).to(torch.uint8)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(cache, targets=targets.cpu().numpy(), key=np.array(key))

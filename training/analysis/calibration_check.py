@@ -3,8 +3,8 @@
     python training/analysis/calibration_check.py --infnet "runs/s3/infnet_long_v2/fold{k}.safetensors" \
         --partner "runs/s8/unet_long_aug_v2/fold{k}.safetensors" --json runs/s10/calibration.json
 
-Each fold's Inf-Net (flips ``h``) and U-Net partner (one pass) run through the pipeline's slice code
-(:func:`covfast.pipeline.infection.predict_slices`) on their own validation slices, at native size. Prints, over all
+Each fold's Inf-Net (flips ``h``) and U-Net partner (one pass) run through the pipeline's slice code on their own
+validation slices, at native size (:func:`training.analysis.ensemble_check.pipeline_oof_probs`). Prints, over all
 pixels of the 50 slices: per probability decile the mean probability and the fraction of infected pixels; and for
 a sharpening p -> sigmoid(k logit p) (k = 1: as shipped) the pixel log-loss, the pooled pixel MAE and the mean
 per-slice MAE (``covfast evaluate-slices``'s convention). Dice at 0.5 does not depend on k.
@@ -16,12 +16,8 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image
 
-from covfast.evaluate import read_infection_mask
-from covfast.nn import load_model
-from covfast.pipeline.infection import PARTNER, LoadedModel, predict_slices
-from training.data import LABELLED, cv_folds, load_labelled
+from training.analysis.ensemble_check import pipeline_oof_probs
 
 SHARPENING = (0.8, 1.0, 1.5, 2.0, 3.0)
 
@@ -34,18 +30,8 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    names = load_labelled(args.data, 256, "infection").names
-    split = cv_folds(len(names), 5, 0)
-    probs, truths = [], []
-    for k in range(5):
-        models = {"infnet": LoadedModel(load_model(args.infnet.format(k=k)), {})}
-        if args.partner:
-            models[PARTNER] = LoadedModel(load_model(args.partner.format(k=k)), {})
-        for i in split[k]:
-            with Image.open(f"{args.data}/{LABELLED}/Imgs/{names[i]}.jpg") as im:
-                image = np.asarray(im.convert("L"))
-            probs.append(predict_slices(models, image[None], tta="h")[0][0].astype(np.float64))
-            truths.append(read_infection_mask(f"{args.data}/{LABELLED}/GT/{names[i]}.png") > 0)
+    cases = pipeline_oof_probs(args.infnet, args.partner, "h", args.data)
+    probs, truths = [prob.astype(np.float64) for _, prob, _ in cases], [truth for _, _, truth in cases]
     p, g = np.concatenate([q.ravel() for q in probs]), np.concatenate([t.ravel() for t in truths])
     deciles = []
     for lo in np.arange(0, 1, 0.1):

@@ -14,7 +14,9 @@ import itertools
 import json
 import shlex
 import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,35 @@ from training.loops import flip_probs, score
 
 KEYS = ("dice", "dice_mean256", "iou", "sensitivity", "specificity", "mae")
 THRESHOLDS = (0.3, 0.4, 0.6)  # besides 0.5
+
+
+def pipeline_oof_probs(infnet: str, partner: str | None, tta: str, data: str = "../shared/data/infnet-semiseg"):
+    """Out-of-fold single-class probabilities of the labelled slices as the pipeline computes them.
+
+    Each fold's Inf-Net (``infnet``, a path with ``{k}``), averaged with its U-Net partner (``partner``) when given,
+    runs on its own validation slices through :func:`covfast.pipeline.infection.predict_slices` (Inf-Net with the
+    flips of ``tta``, the partner as the pipeline runs it), at each slice's native size. Returns a list of
+    ``(name, prob [H, W] float32, truth [H, W] bool)`` over the 50 slices, fold by fold.
+    """
+    from PIL import Image
+
+    from covfast.evaluate import read_infection_mask
+    from covfast.pipeline.infection import PARTNER, LoadedModel, predict_slices
+    from training.data import LABELLED
+
+    names = load_labelled(data, 256, "infection").names
+    found = []
+    for k, val in enumerate(cv_folds(len(names), 5, 0)):
+        models = {"infnet": LoadedModel(load_model(infnet.format(k=k)), {})}
+        if partner:
+            models[PARTNER] = LoadedModel(load_model(partner.format(k=k)), {})
+        for i in val:
+            with Image.open(Path(data) / LABELLED / "Imgs" / f"{names[i]}.jpg") as im:
+                image = np.asarray(im.convert("L"))
+            prob, _ = predict_slices(models, image[None], tta=tta)
+            truth = read_infection_mask(Path(data) / LABELLED / "GT" / f"{names[i]}.png") > 0
+            found.append((names[i], prob[0], truth))
+    return found
 
 
 def paired_dice(per: dict, first: str, second: str) -> dict:

@@ -19,16 +19,10 @@ import json
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage as ndi
 
-from covfast.evaluate import read_infection_mask
 from covfast.instances import Instance, _box, components, extract_instances, mask_iou, slice_ap, truth_instances
-from covfast.nn import load_model
-from covfast.pipeline.infection import PARTNER, LoadedModel, predict_slices
-from training.data import cv_folds, load_labelled
-
-DATA = "../shared/data/infnet-semiseg/TrainingSet/LungInfection-Train/Doctor-label"
+from training.analysis.ensemble_check import pipeline_oof_probs
 
 
 def instances(prob: np.ndarray, min_area: int, score: str) -> list[Instance]:
@@ -44,6 +38,13 @@ def instances(prob: np.ndarray, min_area: int, score: str) -> list[Instance]:
             s = p.mean() * (1 - np.exp(-m.sum() / a0))
         found.append(Instance(_box(m), float(s), m))
     return found
+
+
+def ap_summary(aps: list) -> dict:
+    """Mean AP50, AP75 and mAP over slices of :func:`covfast.instances.slice_ap` results."""
+    aps = np.array(aps)
+    return {"ap50": round(float(aps[:, 0].mean()), 4), "ap75": round(float(aps[:, 5].mean()), 4),
+            "map": round(float(aps.mean()), 4)}
 
 
 def split_instances(prob: np.ndarray, radius: int, keep_whole: bool) -> list[Instance]:
@@ -95,42 +96,23 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    names = load_labelled("../shared/data/infnet-semiseg", 256, "infection").names
-    split = cv_folds(len(names), 5, 0)
-    cases = []
-    for k in range(5):
-        model = {"infnet": LoadedModel(load_model(args.pattern.format(k=k)), {})}
-        if args.partner:
-            model[PARTNER] = LoadedModel(load_model(args.partner.format(k=k)), {})
-        for i in split[k]:
-            name = names[i]
-            image = np.asarray(Image.open(f"{DATA}/Imgs/{name}.jpg").convert("L"))
-            truth = read_infection_mask(f"{DATA}/GT/{name}.png")
-            prob, _ = predict_slices(model, image[None], tta=args.tta)
-            cases.append((prob[0], truth_instances(truth)))
+    cases = [(prob, truth_instances(truth))
+             for _, prob, truth in pipeline_oof_probs(args.pattern, args.partner, args.tta)]
     variants = [(a, s) for a in (0, 10, 20, 40, 80, 160) for s in ("mean", "max", "mean*area100", "mean*area400")]
     out = {}
     for min_area, score in variants:
-        aps = np.array([slice_ap(instances(p, min_area, score), gt) for p, gt in cases])
-        out[f"min_area={min_area} score={score}"] = {
-            "ap50": round(float(aps[:, 0].mean()), 4),
-            "ap75": round(float(aps[:, 5].mean()), 4),
-            "map": round(float(aps.mean()), 4),
-        }
+        out[f"min_area={min_area} score={score}"] = ap_summary([slice_ap(instances(p, min_area, score), gt)
+                                                                for p, gt in cases])
         print(f"min_area={min_area:4d} score={score:14s}", out[f"min_area={min_area} score={score}"], flush=True)
     if args.split:
         for radius in (1, 2, 3, 5):
             for keep in (False, True):
-                aps = np.array([slice_ap(split_instances(p, radius, keep), gt) for p, gt in cases])
                 key = f"split r={radius}" + (" +whole" if keep else "")
-                out[key] = {"ap50": round(float(aps[:, 0].mean()), 4), "ap75": round(float(aps[:, 5].mean()), 4),
-                            "map": round(float(aps.mean()), 4)}
+                out[key] = ap_summary([slice_ap(split_instances(p, radius, keep), gt) for p, gt in cases])
                 print(key, out[key], flush=True)
         for threshold in (0.3, 0.4, 0.6, 0.7, 0.8, 0.9):
-            aps = np.array([slice_ap(extract_instances(p, threshold=threshold), gt) for p, gt in cases])
             key = f"threshold={threshold}"
-            out[key] = {"ap50": round(float(aps[:, 0].mean()), 4), "ap75": round(float(aps[:, 5].mean()), 4),
-                        "map": round(float(aps.mean()), 4)}
+            out[key] = ap_summary([slice_ap(extract_instances(p, threshold=threshold), gt) for p, gt in cases])
             print(key, out[key], flush=True)
         out["coverage"] = coverage(cases)
         print("coverage", out["coverage"])
