@@ -177,9 +177,11 @@ def _summary_line(name: str, report: dict, out_dir: Path) -> str:
     if pct is None:
         return f"{name}: lung {lung:.0f} mL; infection not quantified (no model, no --infection-mask) -> {out_dir}"
     infected = report["infected_volume_ml"]["total"]
+    diagnosis = report.get("diagnosis") or {}
+    call = f", looks {diagnosis['label']} (experimental)" if diagnosis.get("label") else ""
     return (
         f"{name}: lung {lung:.0f} mL, infected {infected:.1f} mL ({pct:.1f} %), "
-        f"{report['severity']['ct_class']} -> {out_dir}"
+        f"{report['severity']['ct_class']}{call} -> {out_dir}"
     )
 
 

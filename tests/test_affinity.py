@@ -9,7 +9,16 @@ import torch
 
 from covfast.nn import save_model
 from covfast.nn.affinity import AffinityHead, load_head, pool_rois, select_rois
-from covfast.pipeline.diagnosis import WEIGHTS_DIR, aggregate, class_probs, fallback_boxes, lesion_volumes
+from covfast.pipeline.diagnosis import (
+    MIN_INFECTED_ML,
+    WEIGHTS_DIR,
+    aggregate,
+    aggregate_cascade,
+    cascade_probs,
+    class_probs,
+    fallback_boxes,
+    lesion_volumes,
+)
 
 TINY = {"in_ch": 5, "ch": 4, "feature_dim": 8, "affinity_dim": 8, "beta": 8, "hidden": 6, "n_blocks": 3}
 
@@ -87,6 +96,41 @@ def test_class_probs_and_aggregation_rule():
     assert aggregate(mixed)["label"] == "normal"  # 3 of 40 slices < 10 %
     # No lung slice, no call (and no NaN for report.json).
     assert aggregate(np.zeros((0, 3))) == {"label": None, "probs": None, "rule": result["rule"], "abnormal_slices": 0}
+
+
+def test_cascade_probs_take_abnormality_from_the_segmentation_and_the_kind_from_the_head():
+    head = np.array([[0.6, 0.2, 0.2], [0.05, 0.05, 0.9], [0.1, 0.3, 0.6], [0.0, 0.0, 1.0]])
+    area = np.array([20.0, 180.0, 0.0, 60.0])
+    probs = cascade_probs(head, area, 20.0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    # p(abnormal) = A / (A + A0): 0.5 at A0, 0.9 at 9 A0, 0 without infection, whatever the head's p(normal).
+    np.testing.assert_allclose(1 - probs[:, 2], [0.5, 0.9, 0.0, 0.75])
+    # The head splits the abnormal mass by p(covid) / (p(covid) + p(pneumonia)); no preference when it has none.
+    np.testing.assert_allclose(probs[0, :2], [0.375, 0.125])
+    np.testing.assert_allclose(probs[1, :2], [0.45, 0.45])
+    np.testing.assert_allclose(probs[3, :2], [0.375, 0.375])
+    with pytest.raises(ValueError, match="4 slices of head probabilities but 3"):
+        cascade_probs(head, area[:3], 20.0)
+    with pytest.raises(ValueError, match="positive"):
+        cascade_probs(head, area, 0.0)
+
+
+def test_aggregate_cascade_gates_on_infected_volume_then_types_the_positive_slices():
+    area = np.zeros(40)
+    area[:6] = 200.0
+    head = np.tile([0.2, 0.1, 0.7], (40, 1))
+    head[:6] = [0.2, 0.7, 0.1]  # the infected slices look like pneumonia to the head
+    head[6:] = [0.9, 0.05, 0.05]  # the clean ones like COVID-19: they must not decide
+    probs = cascade_probs(head, area, 20.0)
+    result = aggregate_cascade(probs, area, infected_ml=MIN_INFECTED_ML + 1, area_mm2=20.0)
+    assert result["label"] == "pneumonia" and result["abnormal_slices"] == 6
+    assert result["probs"]["normal"] == pytest.approx(20.0 / 220.0)
+    assert sum(result["probs"].values()) == pytest.approx(1.0)
+    # Below the volume gate the scan is normal however many slices are positive; probs over all lung slices.
+    small = aggregate_cascade(probs, area, infected_ml=MIN_INFECTED_ML - 1, area_mm2=20.0)
+    assert small["label"] == "normal" and small["probs"]["normal"] == pytest.approx(probs[:, 2].mean())
+    assert aggregate_cascade(probs, np.zeros(40), 50.0, 20.0)["label"] == "normal"  # no positive slice
+    assert aggregate_cascade(np.zeros((0, 3)), np.zeros(0), 0.0, 20.0)["label"] is None
 
 
 def test_lesion_volumes_counts_3d_components_inside_lung():
@@ -322,3 +366,44 @@ def test_affinity_recipes_build_their_head(path):
     for key in ("batch", "lr", "weight_decay"):
         assert recipe["optim"][key] > 0
 
+
+
+def test_diagnosis_cascade_check_scores_both_rules_on_held_out_predictions():
+    """training/analysis/diagnosis_cascade.py: the head's held-out predictions (lopo.json) against the reports'
+    infected areas; a normal patient whose head calls every slice covid is rescued by the segmentation."""
+    from training.analysis.diagnosis_cascade import evaluate, segmentation_flags
+
+    def volume(truth, probs, cls, scored, areas, infected_ml):
+        pred = {"slice": list(range(len(probs))), "cls": cls, "scored": scored, "probs": probs}
+        report = {
+            "infected_volume_ml": {"total": infected_ml},
+            "slices": [
+                {"index": z, "z_mm": 2.0 * z, "lung_area_mm2": 1e4, "infected_area_mm2": a, "covid_positive": a >= 20}
+                for z, a in enumerate(areas)
+            ],
+        }
+        return truth, pred, report
+
+    cases = {
+        "P001": volume("covid", [[0.8, 0.1, 0.1]] * 4, ["covid"] * 3 + ["normal"], [True] * 3 + [False],
+                       [100.0, 100.0, 0.0, 0.0], 50.0),
+        "normal001": volume("normal", [[0.8, 0.1, 0.1]] * 4, ["normal"] * 4, [True] * 4, [0.0, 30.0, 0.0, 0.0], 2.0),
+    }
+    lopo = {
+        "predictions": {case: pred for case, (_, pred, _) in cases.items()},
+        "volumes": {case: {"truth": truth} for case, (truth, _, _) in cases.items()},
+    }
+    reports = {case: report for case, (_, _, report) in cases.items()}
+    result = evaluate(lopo, reports, area_mm2=20.0, min_infected_ml=10.0)
+    assert result["head"]["volumes_right"] == 1 and result["cascade"]["volumes_right"] == 2
+    assert result["volumes"]["normal001"]["head"]["label"] == "covid"
+    assert result["volumes"]["normal001"]["cascade"]["label"] == "normal"
+    # Scored slices: P001's 3 infected (2 found, 1 called normal), normal001's 4 (3 normal, 1 positive -> covid).
+    assert result["cascade"]["slices"]["confusion"] == [[2, 0, 1], [0, 0, 0], [1, 0, 3]]
+    labels = {
+        case: {"slice_location_mm": [2.0 * z for z in range(4)], "infection_slice_labels": lab}
+        for case, lab in (("P001", [1, 1, 1, 0]), ("normal001", [0, 0, 0, 0]))
+    }
+    flags = segmentation_flags(reports, labels)
+    assert flags["P001"] == {"slices": 4, "sensitivity": pytest.approx(2 / 3), "specificity": 1.0}
+    assert flags["normal001"] == {"slices": 4, "sensitivity": None, "specificity": 0.75}

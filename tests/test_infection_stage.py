@@ -326,14 +326,18 @@ def test_diagnosis_sees_the_probability_its_head_was_trained_on(sample_slab):
     with torch.no_grad():
         rois, counts = extractor(x, torch.sigmoid(infnet.model(x).prediction.float()))
         expected = diagnosis.class_probs(head(rois))
-    got = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in result["slices"]])
+    got = np.array([[entry["head_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in result["slices"]])
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert [entry["lesions"] for entry in result["slices"]] == counts
+    # The reported class probabilities are the cascade's: the head's split, the segmentation's p(abnormal).
+    areas = ((seg.prob * (lung > 0)) > 0.5).sum(axis=(1, 2))[[e["index"] for e in result["slices"]]] * 0.7 * 0.7
+    cascade = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in result["slices"]])
+    np.testing.assert_allclose(cascade, diagnosis.cascade_probs(got, areas, 20.0), atol=1e-9)
     # The backbone features the infection stage hands over replace the diagnosis' own backbone pass.
     assert sorted(seg.view_features) == sorted(seg.view_prob)
     reused = diagnosis.diagnose(hu, lung, seg.prob, (2.0, 0.7, 0.7), view_prob=seg.view_prob,
                                 view_features=seg.view_features)
-    again = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in reused["slices"]])
+    again = np.array([[entry["head_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in reused["slices"]])
     np.testing.assert_allclose(again, expected, atol=1e-4)
     assert [entry["lesions"] for entry in reused["slices"]] == counts
 

@@ -469,7 +469,7 @@ def lopo(out: Path, recipe: dict) -> dict:
     """Leave-one-patient-out over the COVID-CT-MD patients; pooled slice metrics and a diagnosis per volume."""
     fit, infer, rows = _trainer(out, recipe)
     patients = np.array([r["patient"] for r in rows])
-    scored_truth, scored_probs, volumes = [], [], {}
+    scored_truth, scored_probs, volumes, predictions = [], [], {}, {}
     for held in LOPO_PATIENTS:
         t0 = time.perf_counter()
         model = fit(np.flatnonzero(patients != held), lambda m, h=held: print(h, m, flush=True))
@@ -478,6 +478,12 @@ def lopo(out: Path, recipe: dict) -> dict:
         scored = np.array([rows[i]["scored"] for i in test])
         scored_truth += [rows[i]["cls"] for i in test[scored]]
         scored_probs.append(probs[scored])
+        predictions[held] = {
+            "slice": [rows[i]["slice"] for i in test],
+            "cls": [rows[i]["cls"] for i in test],
+            "scored": scored.tolist(),
+            "probs": probs.tolist(),
+        }
         volumes[held] = {
             "truth": CT_MD_CASES[held],
             **aggregate(probs),
@@ -491,9 +497,15 @@ def lopo(out: Path, recipe: dict) -> dict:
         "recipe": recipe,
         "slices": slice_metrics(scored_truth, np.concatenate(scored_probs)),
         "volumes": volumes,
+        "predictions": predictions,
     }
     (out / "lopo.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _without_predictions(result: dict) -> dict:
+    """A ``lopo.json`` result without its per-slice predictions (kept out of model cards)."""
+    return {key: value for key, value in result.items() if key != "predictions"}
 
 
 def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
@@ -518,7 +530,7 @@ def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
     if model.preprocess == "paper":
         config.update(input_mean=model.input_mean, input_std=model.input_std)
     sha = save_model(model, dest / f"{MODEL_NAME}.safetensors", MODEL_NAME, config)
-    lopo_path = out / "lopo.json"
+    lopo_path, cascade_path = out / "lopo.json", out / "cascade.json"
     card = {
         "name": MODEL_NAME,
         "task": "diagnosis",
@@ -542,7 +554,9 @@ def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
         f"lopo --recipe {recipe_path} --out {out} && python -m training.affinity final --recipe "
         f"{recipe_path} --out {out} --ship",
         "training": {"device": "cpu", "seconds": seconds},
-        "validation": json.loads(lopo_path.read_text()) if lopo_path.exists() else None,
+        "validation": _without_predictions(json.loads(lopo_path.read_text())) if lopo_path.exists() else None,
+        # The pipeline's cascade rule, checked on the same held-out predictions (training/analysis/diagnosis_cascade.py).
+        "validation_cascade": json.loads(cascade_path.read_text()) if cascade_path.exists() else None,
         "sha256": sha,
     }
     (dest / f"{MODEL_NAME}.json").write_text(json.dumps(card, indent=2) + "\n")

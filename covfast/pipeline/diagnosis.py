@@ -26,11 +26,24 @@ with ``preprocess="paper"`` takes the view in raw Hounsfield units normalised by
 standard deviation (the paper's input) instead of the 8-bit lung window. Instances and the probability channel still
 come from the shipped Inf-Net.
 
-Volume aggregation rule (:data:`RULE`): slice class probabilities are the head's per-class sigmoids normalised to
-sum 1. A lung slice is abnormal when its normal probability is below 0.5. If fewer than
-``max(3, 10 % of the lung slices)`` slices are abnormal the volume is normal; otherwise the label is the larger of
-the mean covid and mean pneumonia probability over the abnormal slices. ``probs`` are the means over the slices
-that decided (the abnormal slices, or all lung slices for a normal volume).
+Cascade (:data:`CASCADE_RULE`, what :func:`diagnose` reports). Whether a slice or a volume is abnormal is decided by
+the infection segmentation, and only which kind of abnormal by the affinity head, as in a cascaded pipeline (lung,
+lesions, then their class). The head's own "normal" class was learned from the infection-free slices of two
+patients; left out of its training, the normal patient was called COVID-19 (``training/RESULTS.md``), while the
+segmentation was trained on pixel-level infection masks and marks 5.6 mL on that patient, against 129 mL and 254 mL
+on the COVID-19 and pneumonia patients. Per slice, with A the infected area inside the lung (the reduction's, after
+small components are dropped) and A0 the COVID-positive slice rule's ``min_lesion_area_mm2`` (20 mm^2):
+p(abnormal) = A / (A + A0), so a slice is more likely abnormal than normal exactly when it is COVID-positive;
+p(covid) = p(abnormal) * s and p(pneumonia) = p(abnormal) * (1 - s), with s = p(covid) / (p(covid) + p(pneumonia))
+of the head. The volume is normal when its infected volume is below :data:`MIN_INFECTED_ML` (10 mL: the 5th
+percentile of the 50 radiologist masks of mild (CT-1) COVID-19 in ``mosmed-masks`` is 10.6 mL, their median
+66 mL), else the larger of mean p(covid) and mean p(pneumonia) over the COVID-positive slices. ``probs`` are the means
+over the slices that decided (the COVID-positive slices, or all lung slices for a normal volume).
+
+Head-only rule (:data:`RULE`, :func:`aggregate`; how the head alone is scored in training): slice class
+probabilities are the head's per-class sigmoids normalised to sum 1; a lung slice is abnormal when its normal
+probability is below 0.5; if fewer than ``max(3, 10 % of the lung slices)`` slices are abnormal the volume is normal,
+otherwise the label is the larger of the mean covid and mean pneumonia probability over the abnormal slices.
 """
 
 from __future__ import annotations
@@ -56,6 +69,13 @@ MIN_LESION_ML = 0.01
 RULE = (
     "slice abnormal when p(normal) < 0.5; volume normal when fewer than max(3, 10% of lung slices) are abnormal, "
     "else argmax of mean p(covid) vs mean p(pneumonia) over the abnormal slices"
+)
+MIN_INFECTED_ML = 10.0
+CASCADE_RULE = (
+    "per slice p(abnormal) = A / (A + A0), A the infected area inside the lung, A0 = min_lesion_area_mm2, split into "
+    "covid / pneumonia by the affinity head's p(covid) / (p(covid) + p(pneumonia)); volume normal when the infected "
+    f"volume is below {MIN_INFECTED_ML:g} mL, else argmax of mean p(covid) vs mean p(pneumonia) over the COVID-positive "
+    "slices (A >= A0)"
 )
 
 
@@ -172,23 +192,80 @@ def aggregate(slice_probs: np.ndarray) -> dict:
     """
     if not len(slice_probs):
         return {"label": None, "probs": None, "rule": RULE, "abnormal_slices": 0}
-    normal = CLASSES.index("normal")
-    abnormal = slice_probs[:, normal] < 0.5
+    abnormal = slice_probs[:, CLASSES.index("normal")] < 0.5
     needed = max(MIN_ABNORMAL_SLICES, int(np.ceil(MIN_ABNORMAL_FRACTION * len(slice_probs))))
-    if abnormal.sum() < needed:
-        label = "normal"
-        deciding = slice_probs
-    else:
-        deciding = slice_probs[abnormal]
-        mean = deciding.mean(axis=0)
-        label = "covid" if mean[CLASSES.index("covid")] >= mean[CLASSES.index("pneumonia")] else "pneumonia"
+    return _volume_call(slice_probs, abnormal, abnormal.sum() >= needed, RULE)
+
+
+def _volume_call(slice_probs: np.ndarray, abnormal: np.ndarray, is_abnormal: bool, rule: str) -> dict:
+    """The volume's label and mean probabilities: normal over all slices, else covid vs pneumonia by the larger
+    mean over the ``abnormal`` slices."""
+    deciding = slice_probs[abnormal] if is_abnormal else slice_probs
     mean = deciding.mean(axis=0)
+    label = "normal"
+    if is_abnormal:
+        label = "covid" if mean[CLASSES.index("covid")] >= mean[CLASSES.index("pneumonia")] else "pneumonia"
     return {
         "label": label,
         "probs": {name: float(mean[i]) for i, name in enumerate(CLASSES)},
-        "rule": RULE,
+        "rule": rule,
         "abnormal_slices": int(abnormal.sum()),
     }
+
+
+def cascade_probs(head_probs: np.ndarray, infected_area_mm2: np.ndarray, area_mm2: float) -> np.ndarray:
+    """Slice class probabilities of the cascade (:data:`CASCADE_RULE`).
+
+    Args:
+        head_probs: [N, 3] the affinity head's class probabilities (order of ``CLASSES``).
+        infected_area_mm2: [N] infected area inside the lung of each slice.
+        area_mm2: A0, the COVID-positive slice rule's area (p(abnormal) = 0.5 there).
+
+    Returns:
+        [N, 3] float64, rows summing to 1.
+    """
+    if area_mm2 <= 0:
+        raise ValueError(f"area_mm2 must be positive, got {area_mm2}")
+    head = np.asarray(head_probs, dtype=np.float64).reshape(-1, 3)
+    area = np.clip(np.asarray(infected_area_mm2, dtype=np.float64).reshape(-1), 0.0, None)
+    if len(area) != len(head):
+        raise ValueError(f"{len(head)} slices of head probabilities but {len(area)} infected areas")
+    covid, pneumonia, normal = (CLASSES.index(c) for c in ("covid", "pneumonia", "normal"))
+    abnormal = area / (area + area_mm2)
+    lesion = head[:, covid] + head[:, pneumonia]
+    share = np.divide(head[:, covid], lesion, out=np.full(len(head), 0.5), where=lesion > 0)
+    out = np.empty_like(head)
+    out[:, covid] = abnormal * share
+    out[:, pneumonia] = abnormal * (1.0 - share)
+    out[:, normal] = 1.0 - abnormal
+    return out
+
+
+def aggregate_cascade(
+    slice_probs: np.ndarray,
+    infected_area_mm2: np.ndarray,
+    infected_ml: float,
+    area_mm2: float,
+    min_infected_ml: float = MIN_INFECTED_ML,
+) -> dict:
+    """Volume diagnosis of the cascade (:data:`CASCADE_RULE`) from :func:`cascade_probs` of the lung slices.
+
+    Args:
+        slice_probs: [N, 3] cascade class probabilities of the lung slices.
+        infected_area_mm2: [N] their infected areas.
+        infected_ml: infected volume of the whole scan.
+        area_mm2: A0, the COVID-positive slice rule's area.
+        min_infected_ml: below this infected volume the scan is normal.
+
+    Returns:
+        ``{"label", "probs": {class: p}, "rule", "abnormal_slices"}`` (abnormal = COVID-positive slices); label and
+        probs None without lung slices.
+    """
+    slice_probs = np.asarray(slice_probs, dtype=np.float64).reshape(-1, 3)
+    positive = np.asarray(infected_area_mm2, dtype=np.float64).reshape(-1) >= area_mm2
+    if not len(slice_probs):
+        return {"label": None, "probs": None, "rule": CASCADE_RULE, "abnormal_slices": 0}
+    return _volume_call(slice_probs, positive, infected_ml >= min_infected_ml and bool(positive.any()), CASCADE_RULE)
 
 
 def lesion_volumes(infection_prob: np.ndarray, lung: np.ndarray, spacing_mm) -> list[float]:
@@ -236,6 +313,8 @@ def diagnose(
     weights_dir: str | Path = WEIGHTS_DIR,
     view_prob: dict[int, np.ndarray] | None = None,
     view_features: dict[int, torch.Tensor] | None = None,
+    infected_area_mm2: np.ndarray | None = None,
+    area_mm2: float | None = None,
 ) -> dict:
     """Per-slice class probabilities, lesion instances and the volume diagnosis of a CT volume.
 
@@ -254,11 +333,16 @@ def diagnose(
         view_features: ``{z: [F, S/8, S/8]}``, the Inf-Net's backbone features of each view from the infection stage
             (:attr:`covfast.pipeline.infection.InfectionResult.view_features`); batches whose slices all have them
             skip the backbone.
+        infected_area_mm2: [D] infected area inside the lung per slice as the report counts it (the pipeline
+            passes the reduction's); default: ``infection_prob > 0.5`` inside the lung.
+        area_mm2: A0 of the cascade, the COVID-positive slice area (default: the severity rules').
 
     Returns:
-        ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "lesions"}], "lesions": {"count",
-        "volumes_ml"}, "diagnosis": {"label", "probs", "rule", "abnormal_slices"}, "models", "timings_s"}``;
-        ``slices`` lists only slices with lung, ``lesions`` per slice counts the 2D instances on the view.
+        ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "head_probs", "lesions"}], "lesions":
+        {"count", "volumes_ml"}, "diagnosis": {"label", "probs", "rule", "abnormal_slices"}, "models",
+        "timings_s"}``; ``slices`` lists only slices with lung, ``class_probs`` are the cascade's
+        (:func:`cascade_probs`), ``head_probs`` the affinity head's alone, ``lesions`` per slice counts the 2D
+        instances on the view.
 
     Raises:
         ModelNotInstalledError: no Inf-Net or no affinity weights installed, or a head trained on another Inf-Net.
@@ -267,12 +351,20 @@ def diagnose(
     from covfast.nn.preprocess import INPUT_SIZE, to_input
     from covfast.pipeline.infection import SINGLE_CLASS, load_models, lung_slices
     from covfast.pipeline.infection import slice_view as stage_view
+    from covfast.pipeline.severity import DEFAULT_RULES, PROBABILITY_THRESHOLD
 
     if hu.ndim != 3 or hu.shape != lung.shape or hu.shape != infection_prob.shape:
         raise ValueError(
             f"hu, lung and infection_prob must be [D, H, W] of one shape; got {hu.shape}, {lung.shape}, "
             f"{infection_prob.shape}"
         )
+    area_mm2 = DEFAULT_RULES.min_lesion_area_mm2 if area_mm2 is None else float(area_mm2)
+    if infected_area_mm2 is None:
+        pixels = ((infection_prob > PROBABILITY_THRESHOLD) & (lung > 0)).sum(axis=(1, 2))
+        infected_area_mm2 = pixels * float(spacing_mm[1]) * float(spacing_mm[2])
+    infected_area_mm2 = np.asarray(infected_area_mm2, dtype=np.float64)
+    if infected_area_mm2.shape != (hu.shape[0],):
+        raise ValueError(f"infected_area_mm2 must have one value per slice ({hu.shape[0]}), got {infected_area_mm2.shape}")
     t0 = time.perf_counter()
     infnet = load_models(device, multiclass=False, weights_dir=weights_dir)[SINGLE_CLASS]
     head, card = load_affinity(device, weights_dir)
@@ -308,18 +400,28 @@ def diagnose(
                 x = head.feature_input(x, torch.cat([hu_view(hu[z], crop, INPUT_SIZE) for z, crop in chunk]))
             rois, counts = extractor(x, prob)
         with torch.no_grad():
-            probs = class_probs(head(rois.to(device)))
-        for (z, _), p, n in zip(chunk, probs, counts):
-            slices.append({"index": int(z), "class_probs": dict(zip(CLASSES, map(float, p))), "lesions": n})
+            head_probs = class_probs(head(rois.to(device)))
+        areas = infected_area_mm2[[z for z, _ in chunk]]
+        for (z, _), p, q, n in zip(chunk, cascade_probs(head_probs, areas, area_mm2), head_probs, counts):
+            slices.append(
+                {
+                    "index": int(z),
+                    "class_probs": dict(zip(CLASSES, map(float, p))),
+                    "head_probs": dict(zip(CLASSES, map(float, q))),
+                    "lesions": n,
+                }
+            )
     timings["classify"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     volumes = lesion_volumes(infection_prob, lung, spacing_mm)
     timings["lesions"] = time.perf_counter() - t0
     table = np.array([[s["class_probs"][c] for c in CLASSES] for s in slices]).reshape(-1, 3)
+    lung_areas = infected_area_mm2[[s["index"] for s in slices]]
+    infected_ml = float(infected_area_mm2.sum() * float(spacing_mm[0]) / 1000.0)
     return {
         "slices": slices,
         "lesions": {"count": len(volumes), "volumes_ml": volumes},
-        "diagnosis": aggregate(table),
+        "diagnosis": aggregate_cascade(table, lung_areas, infected_ml, area_mm2),
         "models": [
             {"name": SINGLE_CLASS, "sha256": infnet.card["sha256"]},
             {"name": MODEL_NAME, "sha256": card["sha256"]},

@@ -289,7 +289,7 @@ def analyze(
     if prob is not None and diagnose_volume:
         with _timed(timings, "diagnosis"):
             diagnosis = _diagnose(volume, lung, prob, (view_prob, view_features), device, batch_size, summary, models,
-                                  notes)
+                                  notes, rules)
 
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -326,17 +326,19 @@ def analyze(
     )
 
 
-def _diagnose(volume, lung, prob, views, device, batch_size, summary, models, notes) -> dict | None:
+def _diagnose(volume, lung, prob, views, device, batch_size, summary, models, notes, rules) -> dict | None:
     """Lesion instances and the COVID-19 / pneumonia / normal call of the Affinity model, merged into ``summary``'s
     per-slice entries (``class_probs``, ``lesions``); None, with a note, when its weights are not installed.
-    ``views``: the infection stage's (view_prob, view_features)."""
+    ``views``: the infection stage's (view_prob, view_features); the cascade reads the summary's per-slice infected
+    areas, so a slice's class agrees with its ``covid_positive`` flag."""
     from covfast.pipeline.diagnosis import diagnose
 
     view_prob, view_features = views
+    areas = np.array([entry["infected_area_mm2"] for entry in summary["slices"]], dtype=np.float64)
     try:
         result = diagnose(
             volume.hu, lung, prob, volume.spacing_mm, device=device, batch_size=batch_size, view_prob=view_prob,
-            view_features=view_features,
+            view_features=view_features, infected_area_mm2=areas, area_mm2=rules.min_lesion_area_mm2,
         )
     except ModelNotInstalledError as exc:
         notes.append(f"no diagnosis: {exc}")
@@ -345,6 +347,7 @@ def _diagnose(volume, lung, prob, views, device, batch_size, summary, models, no
     for entry in summary["slices"]:
         found = by_index.get(entry["index"])
         entry["class_probs"] = found["class_probs"] if found else None
+        entry["head_probs"] = found["head_probs"] if found else None
         entry["lesions"] = found["lesions"] if found else 0
     models.extend(result["models"][1:])
     result["diagnosis"]["validation"] = _diagnosis_validation()
@@ -359,6 +362,15 @@ def _diagnosis_validation() -> str | None:
     if not card_path.is_file():
         return None
     card = json.loads(card_path.read_text())
+    cascade = card.get("validation_cascade")
+    if cascade:
+        # The rule the report uses (covfast/pipeline/diagnosis.py: CASCADE_RULE), checked leave-one-patient-out.
+        right = cascade["cascade"]["volumes_right"]
+        return (
+            f"leave-one-patient-out over P001, cap001, normal001 (segmentation decides abnormal, the affinity head "
+            f"which kind): {right} of {len(cascade['volumes'])} held-out volumes labelled right, slice macro-F1 "
+            f"{cascade['cascade']['slices']['macro_f1']:.2f}; experimental, one patient per class"
+        )
     validation = card.get("validation", {})
     volumes = validation.get("volumes", {})
     right = sum(v.get("label") == v.get("truth") for v in volumes.values())
