@@ -187,6 +187,7 @@ def test_infer_sample_with_shipped_models(sample, tmp_path, capsys):
     assert report["infection_source"]["tta"] == "h"  # the default test-time augmentation
     assert sum(report["diagnosis"]["probs"].values()) == pytest.approx(1.0, abs=1e-3)
     assert "held-out volumes" in report["diagnosis"]["validation"]
+    assert "training seeds" in report["diagnosis"]["validation"]  # the spread over seeds, from the model card
     assert report["lesions"]["count"] == len(report["lesions"]["volumes_ml"]) > 0
     lung_slices = [s for s in report["slices"] if s["lung_area_mm2"] > 0]
     assert all(sum(s["class_probs"].values()) == pytest.approx(1.0, abs=1e-3) for s in lung_slices)

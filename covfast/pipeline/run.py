@@ -115,7 +115,7 @@ class Result:
         diagnosis = report.get("diagnosis")
         if diagnosis and diagnosis["probs"]:
             probs = ", ".join(f"{name} {p:.2f}" for name, p in diagnosis["probs"].items())
-            summary += f"; Affinity diagnosis (experimental): {diagnosis['label']} ({probs})"
+            summary += f"; diagnosis (segmentation + Affinity head, experimental): {diagnosis['label']} ({probs})"
         return render_preview(
             self.volume.hu,
             self.lung_mask,
@@ -366,11 +366,20 @@ def _diagnosis_validation() -> str | None:
     if cascade:
         # The rule the report uses (covfast/pipeline/diagnosis.py: CASCADE_RULE), checked leave-one-patient-out.
         right = cascade["cascade"]["volumes_right"]
-        return (
+        line = (
             f"leave-one-patient-out over P001, cap001, normal001 (segmentation decides abnormal, the affinity head "
             f"which kind): {right} of {len(cascade['volumes'])} held-out volumes labelled right, slice macro-F1 "
-            f"{cascade['cascade']['slices']['macro_f1']:.2f}; experimental, one patient per class"
+            f"{cascade['cascade']['slices']['macro_f1']:.2f}"
         )
+        others = [rep["cascade"] for rep in cascade.get("replicates", [])]
+        if others:
+            rights = [right] + [rep["volumes_right"] for rep in others]
+            f1s = [cascade["cascade"]["slices"]["macro_f1"]] + [rep["macro_f1"] for rep in others]
+            line += (
+                f" ({min(rights)}-{max(rights)} of 3 and {min(f1s):.2f}-{max(f1s):.2f} over {len(rights)} training "
+                "seeds: the COVID-19 / pneumonia split is unreliable)"
+            )
+        return line + "; experimental, one patient per class"
     validation = card.get("validation", {})
     volumes = validation.get("volumes", {})
     right = sum(v.get("label") == v.get("truth") for v in volumes.values())

@@ -7,7 +7,8 @@ P001's infection-free slices were negatives of their second stage, so P001's sli
 
     python -m training.affinity lopo --recipe training/recipes/affinity.json --out runs/s11/affinity
     covfast infer ../shared/data/covid-ct-md/{P001,cap001,normal001} -o runs/s11/reports -q --device cpu
-    python training/analysis/diagnosis_cascade.py runs/s11/affinity/lopo.json runs/s11/reports --json OUT.json
+    python training/analysis/diagnosis_cascade.py runs/s11/affinity/lopo.json runs/s11/reports --json OUT.json \
+        --replicates runs/s11/affinity_seed1/lopo.json runs/s11/affinity_seed2/lopo.json   # other seeds (optional)
 
 With ``--json runs/s11/affinity/cascade.json`` (beside ``lopo.json``), ``python -m training.affinity final`` copies
 the result into the model card as ``validation_cascade``, which the report's ``diagnosis.validation`` line quotes.
@@ -71,6 +72,18 @@ def evaluate(lopo: dict, reports: dict[str, dict], area_mm2: float, min_infected
     return out
 
 
+def _summary(result: dict) -> dict:
+    """Volumes right and slice macro-F1 of both rules, and the volume calls."""
+    return {
+        name: {
+            "volumes_right": result[name]["volumes_right"],
+            "macro_f1": result[name]["slices"]["macro_f1"],
+            "labels": {held: v[name]["label"] for held, v in result["volumes"].items()},
+        }
+        for name in ("head", "cascade")
+    }
+
+
 def segmentation_flags(reports: dict[str, dict], labels: dict) -> dict:
     """Sensitivity / specificity of the reports' ``covid_positive`` flags against the radiologists' slice labels."""
     out = {}
@@ -97,6 +110,8 @@ def segmentation_flags(reports: dict[str, dict], labels: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lopo", type=Path, help="lopo.json of python -m training.affinity lopo")
+    parser.add_argument("--replicates", type=Path, nargs="*", default=[],
+                        help="lopo.json of the same recipe with other seeds: their summaries go to 'replicates'")
     parser.add_argument("reports", type=Path, help="folder of covfast infer outputs (<case>/report.json)")
     parser.add_argument("--labels", type=Path, default=Path("../shared/data/covid-ct-md/labels.json"))
     parser.add_argument("--area", type=float, default=DEFAULT_RULES.min_lesion_area_mm2)
@@ -113,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         **evaluate(lopo, reports, args.area, args.min_infected_ml),
     }
     result["segmentation_flags"] = segmentation_flags(reports, json.loads(args.labels.read_text()))
+    if args.replicates:
+        result["command"] += " --replicates " + " ".join(map(str, args.replicates))
+        result["replicates"] = [
+            {"lopo": str(path), "seed": rep["recipe"].get("seed"), **_summary(evaluate(rep, reports, args.area,
+                                                                                     args.min_infected_ml))}
+            for path, rep in ((path, json.loads(path.read_text())) for path in args.replicates)
+        ]
     for name in ("head", "cascade"):
         s = result[name]["slices"]
         f1 = " / ".join(f"{s['f1'][c]:.2f}" if s["f1"][c] is not None else "-" for c in CLASSES)
@@ -124,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     for case, flags in result["segmentation_flags"].items():
         print(f"covid_positive flags {case}: {flags}")
+    for rep in result.get("replicates", []):
+        print(f"seed {rep['seed']}: " + "; ".join(
+            f"{name} {rep[name]['volumes_right']} of 3 volumes, macro-F1 {rep[name]['macro_f1']:.3f}"
+            for name in ("head", "cascade")))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
