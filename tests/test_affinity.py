@@ -407,3 +407,25 @@ def test_diagnosis_cascade_check_scores_both_rules_on_held_out_predictions():
     flags = segmentation_flags(reports, labels)
     assert flags["P001"] == {"slices": 4, "sensitivity": pytest.approx(2 / 3), "specificity": 1.0}
     assert flags["normal001"] == {"slices": 4, "sensitivity": None, "specificity": 0.75}
+
+
+def test_load_cache_drops_patient_level_slices_without_a_lesion(tmp_path):
+    """CC-CCII and Zenodo slices carry only their patient's class: kept only where a lesion instance was found."""
+    from training.affinity import load_cache
+
+    (tmp_path / "cache").mkdir()
+    sources = {
+        "infnet": ("medseg", ["covid", "covid"], [0, 1]),
+        "zenodo": ("zenodo", ["covid"] * 3, [0, 2, 1]),
+        "ccccii_1": ("ccccii", ["pneumonia"] * 2, [1, 0]),
+    }
+    for name, (patient, cls, lesions) in sources.items():
+        feats = np.arange(len(cls), dtype=np.float16).reshape(-1, 1) * np.ones((1, 4), np.float16)
+        np.save(tmp_path / "cache" / f"{name}.npy", feats)
+        meta = {"patient": patient, "cls": cls, "scored": [False] * len(cls), "slice": list(range(len(cls))),
+                "lesions": lesions}
+        (tmp_path / "cache" / f"{name}.json").write_text(json.dumps(meta))
+    feats, rows = load_cache(tmp_path)
+    kept = [(r["source"], r["slice"]) for r in rows]
+    assert kept == [("ccccii_1", 0), ("infnet", 0), ("infnet", 1), ("zenodo", 1), ("zenodo", 2)]
+    np.testing.assert_array_equal(feats[:, 0], [0, 0, 1, 1, 2])

@@ -65,6 +65,9 @@ CCCCII_SCANS = ("3131", "3132", "3133")
 CCCCII_WINDOW_HU = (-1200.0, 0.0)
 CCCCII_SPACING_MM = (1.0, 0.7, 0.7)
 LOPO_PATIENTS = tuple(CT_MD_CASES)
+ZENODO_IMAGES = "infnet-semiseg/TrainingSet/LungInfection-Train/Pseudo-label/Imgs"
+# Sources whose slices carry only the patient's class: a slice without a lesion instance has no known class.
+PATIENT_LEVEL_SOURCES = ("ccccii", "zenodo")
 
 
 def _infnet(device: str, weights_dir: str | Path | None = None):
@@ -144,9 +147,14 @@ def _ct_md_labels(info: dict, z_mm: np.ndarray) -> np.ndarray:
     return np.asarray(info["infection_slice_labels"], dtype=bool)[nearest]
 
 
-def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_dir: str | Path | None = None) -> None:
+def cache(
+    data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_dir: str | Path | None = None,
+    zenodo: bool = False,
+) -> None:
     """Compute and store RoI features and labels of every source slice under ``out/cache``, with the Inf-Net of
-    ``weights_dir`` (default: the installed one), whose name and SHA-256 go to ``out/cache_backbone.json``."""
+    ``weights_dir`` (default: the installed one), whose name and SHA-256 go to ``out/cache_backbone.json``.
+    ``zenodo`` adds the 1,600 unlabelled COVID-SemiSeg slices (20 COVID-19 patients of the Zenodo set) as COVID-19;
+    like CC-CCII's, only those with a lesion instance are used (:func:`_sources`)."""
     from PIL import Image
 
     from covfast.io import load_volume
@@ -190,6 +198,16 @@ def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_d
             "slice": [p.name for p in images],
         },
     )
+    if zenodo:
+        images = sorted((data / ZENODO_IMAGES).glob("*.jpg"))
+        views = [np.array(Image.open(p).convert("L")) for p in images]
+        store(
+            "zenodo",
+            views,
+            _unwindow(views),
+            {"patient": "zenodo", "cls": ["covid"] * len(views), "scored": [False] * len(views),
+             "slice": [p.name for p in images]},
+        )
     labels = json.loads((data / "covid-ct-md/labels.json").read_text())
     for case, cls in CT_MD_CASES.items():
         volume = load_volume(data / "covid-ct-md" / case)
@@ -230,11 +248,13 @@ def cache(data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_d
 
 
 def _sources(out: Path):
-    """Per cached source: (metadata path, indices of the slices kept, their records). CC-CCII slices without a lesion
-    instance are dropped (their class is unknown)."""
+    """Per cached source: (metadata path, indices of the slices kept, their records). Slices of
+    :data:`PATIENT_LEVEL_SOURCES` without a lesion instance are dropped (their class is unknown)."""
     for meta_path in sorted((out / "cache").glob("*.json")):
         meta = json.loads(meta_path.read_text())
-        keep = [i for i in range(len(meta["cls"])) if meta["patient"] != "ccccii" or meta["lesions"][i] > 0]
+        keep = [
+            i for i in range(len(meta["cls"])) if meta["patient"] not in PATIENT_LEVEL_SOURCES or meta["lesions"][i] > 0
+        ]
         rows = [
             {
                 "source": meta_path.stem,
@@ -575,10 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ship", action="store_true", help="final: write into covfast/weights")
     parser.add_argument("--weights", help="cache: folder of the Inf-Net to take features from (default: installed)")
+    parser.add_argument("--zenodo", action="store_true",
+                        help="cache: add the 1,600 unlabelled COVID-SemiSeg slices (20 COVID-19 patients) as COVID-19")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.command == "cache":
-        cache(Path(args.data), out, args.device, weights_dir=args.weights)
+        cache(Path(args.data), out, args.device, weights_dir=args.weights, zenodo=args.zenodo)
         return 0
     recipe = json.loads(Path(args.recipe).read_text())
     if args.command == "lopo":
