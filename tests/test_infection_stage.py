@@ -11,6 +11,7 @@ from covfast.errors import ModelNotInstalledError
 from covfast.pipeline.infection import (
     CROP_MARGIN,
     WEIGHTS_DIR,
+    crop_min_size,
     gate_aerated,
     installed_models,
     lung_crop,
@@ -56,6 +57,33 @@ def test_lung_crop_bounding_box_with_margin():
     assert (rows.start, rows.stop) == (20 - margin_r, 70 + margin_r)
     assert (cols.start, cols.stop) == (30 - margin_c, 40 + margin_c)
     assert lung_crop(np.zeros((5, 5), bool)) is None
+
+
+def test_lung_crop_grows_small_lungs_to_the_least_size_inside_the_slice():
+    lung = np.zeros((100, 100), bool)
+    lung[40:50, 2:12] = True  # a small lung near the left edge
+    rows, cols = lung_crop(lung, (30, 30))
+    margin = round(CROP_MARGIN * 30)
+    # Grown about the centre to 30 rows; the columns shifted right to stay inside the slice, then the margin.
+    assert (rows.start, rows.stop) == (30 - margin, 60 + margin)
+    assert (cols.start, cols.stop) == (0, 30 + margin)
+    # Never larger than the slice; a box already larger than the least size is unchanged.
+    rows, cols = lung_crop(lung, (500, 500))
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (0, 100, 0, 100)
+    assert lung_crop(lung, (5, 5)) == lung_crop(lung)
+
+
+def test_crop_min_size_is_the_largest_lung_extent_of_the_volume():
+    lung = np.zeros((3, 50, 60), np.uint8)
+    lung[0, 10:20, 5:15] = 1  # apex: 10 x 10
+    lung[1, 5:45, 3:50] = 2  # widest slice: 40 rows, 47 columns
+    lung[1, 30:31, 55:58] = 1  # a separate piece widens the columns to 3..57
+    assert crop_min_size(lung) == (40, 55)
+    assert crop_min_size(lung, 0.5) == (20, 28)
+    assert crop_min_size(np.zeros((2, 5, 5), np.uint8)) == (0, 0)
+    # lung_slices crops every slice to at least that size: the apex is not magnified beyond the widest slice.
+    (_, (rows, cols)), _ = lung_slices(lung)
+    assert rows.stop - rows.start >= 40 and cols.stop - cols.start >= 55
 
 
 def test_lung_slices_and_slice_view_follow_the_lung():

@@ -115,11 +115,13 @@ def _roi_batch(infnet, extractor: RoiFeatures, views: list[np.ndarray], hu_views
 def _volume_views(hu: np.ndarray, lung: np.ndarray) -> list[tuple[int, np.ndarray, torch.Tensor]]:
     """(slice index, 8-bit view, HU view on the network grid) of every lung slice."""
     from covfast.nn.preprocess import INPUT_SIZE
+    from covfast.pipeline.infection import crop_min_size
 
+    least = crop_min_size(lung)
     return [
         (z, found[0], hu_view(hu[z], found[1], INPUT_SIZE))
         for z in range(hu.shape[0])
-        if (found := slice_view(hu[z], lung[z])) is not None
+        if (found := slice_view(hu[z], lung[z], least)) is not None
     ]
 
 

@@ -118,7 +118,7 @@ def check_volumes(
         check_tta,
         drop_small_components,
         gate_aerated,
-        lung_crop,
+        lung_slices,
         segment_infection,
         window_hu,
     )
@@ -142,7 +142,7 @@ def check_volumes(
         truth = np.asarray(info["infection_slice_labels"], bool)
         if len(truth) != len(area):
             raise ValueError(f"{case}: {len(truth)} labels for {len(area)} slices")
-        crops = [window_hu(volume.hu[z][c]) for z in range(len(area)) if (c := lung_crop(lung[z] > 0))]
+        crops = [window_hu(volume.hu[z][c]) for z, c in lung_slices(lung)]
         summary[case] = {
             "diagnosis": info["diagnosis"],
             "tta": tta,

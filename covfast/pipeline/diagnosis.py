@@ -85,17 +85,21 @@ def fallback_boxes(size: int) -> list[tuple[float, float, float, float]]:
     return [(0.0, 0.0, float(size), float(size)), (0.0, 0.0, float(size), half), (0.0, half, float(size), float(size))]
 
 
-def slice_view(hu_slice: np.ndarray, lung_slice: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice]] | None:
+def slice_view(
+    hu_slice: np.ndarray, lung_slice: np.ndarray, min_size: tuple[int, int] = (0, 0)
+) -> tuple[np.ndarray, tuple[slice, slice]] | None:
     """The infection stage's view of one axial slice: lung-windowed 8-bit lung crop, transposed.
 
     Args:
         hu_slice: [H, W] Hounsfield units, canonical orientation.
         lung_slice: [H, W] lung mask (non-zero = lung).
+        min_size: least crop (rows, columns): the volume's :func:`covfast.pipeline.infection.crop_min_size`, as the
+            infection stage crops.
 
     Returns:
         (view [W', H'] uint8, (rows, cols) crop in the slice), or None for a slice without lung.
     """
-    crop = lung_crop(lung_slice > 0)
+    crop = lung_crop(lung_slice > 0, min_size)
     if crop is None:
         return None
     rows, cols = crop

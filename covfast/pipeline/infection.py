@@ -50,6 +50,10 @@ PARTNER = "infection_unet"
 MULTI_CLASS = "infnet_multiclass"
 HU_WINDOW = (-1000.0, 200.0)
 CROP_MARGIN = 0.08
+# Every slice's crop is at least this fraction of the volume's largest lung extent (rows and columns separately):
+# without it the lung apices and bases, small boxes, were magnified to the network's input size several times more
+# than the mid-lung slices the training crops resemble, and their noise read as ground glass.
+MIN_CROP_FRACTION = 1.0
 # The multi-class network labels GGO / consolidation only on slices where the single-class network finds a pixel at
 # or above this probability; elsewhere every pixel is background. On the three COVID-CT-MD volumes the skipped
 # slices held no multi-class infection voxel (15 of 139, 15 of 154 and 64 of 135 slices skipped), so the masks are
@@ -484,18 +488,44 @@ def prepare_batch(hu: torch.Tensor, chunk: list[tuple[int, tuple[slice, slice]]]
                       for i, (_, (rows, cols)) in enumerate(chunk)])
 
 
-def lung_crop(lung_slice: np.ndarray) -> tuple[slice, slice] | None:
-    """Bounding box of a slice's lung mask widened by :data:`CROP_MARGIN`, or None if the slice has no lung."""
+def lung_crop(lung_slice: np.ndarray, min_size: tuple[int, int] = (0, 0)) -> tuple[slice, slice] | None:
+    """Bounding box of a slice's lung mask, grown about its centre to at least ``min_size`` (rows, columns; shifted
+    to stay inside the slice), widened by :data:`CROP_MARGIN`; None if the slice has no lung."""
     rows = np.flatnonzero(lung_slice.any(axis=1))
     cols = np.flatnonzero(lung_slice.any(axis=0))
     if rows.size == 0:
         return None
 
-    def widen(lo, hi, limit):
+    def widen(lo, hi, limit, least):
+        grow = max(0, min(least, limit) - (hi - lo + 1))
+        lo, hi = lo - grow // 2, hi + grow - grow // 2
+        shift = max(0, -lo) - max(0, hi - (limit - 1))
+        lo, hi = lo + shift, hi + shift
         margin = round(CROP_MARGIN * (hi - lo + 1))
         return slice(max(0, lo - margin), min(limit, hi + 1 + margin))
 
-    return widen(rows[0], rows[-1], lung_slice.shape[0]), widen(cols[0], cols[-1], lung_slice.shape[1])
+    return (
+        widen(rows[0], rows[-1], lung_slice.shape[0], min_size[0]),
+        widen(cols[0], cols[-1], lung_slice.shape[1], min_size[1]),
+    )
+
+
+def crop_min_size(lung: np.ndarray, fraction: float = MIN_CROP_FRACTION) -> tuple[int, int]:
+    """``fraction`` of the largest lung extent (rows, columns) over the slices of a [D, H, W] lung mask: the least
+    crop of every slice, so that slices with little lung (apex, bases) are not magnified beyond the scale of the
+    widest lung slices, the scale of the training crops."""
+    rows = (lung > 0).any(axis=2)
+    cols = (lung > 0).any(axis=1)
+
+    def extent(mask):
+        present = mask.any(axis=1)
+        if not present.any():
+            return 0
+        first = mask.argmax(axis=1)
+        last = mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+        return int((last - first + 1)[present].max())
+
+    return round(fraction * extent(rows)), round(fraction * extent(cols))
 
 
 def gate_aerated(prob: np.ndarray, hu: np.ndarray, min_hu: float | None) -> np.ndarray:
@@ -519,8 +549,10 @@ def gate_aerated(prob: np.ndarray, hu: np.ndarray, min_hu: float | None) -> np.n
 
 
 def lung_slices(lung: np.ndarray) -> list[tuple[int, tuple[slice, slice]]]:
-    """(z, crop) of every slice of a [D, H, W] lung mask that contains lung; crop from :func:`lung_crop`."""
-    return [(z, crop) for z in range(lung.shape[0]) if (crop := lung_crop(lung[z] > 0)) is not None]
+    """(z, crop) of every slice of a [D, H, W] lung mask that contains lung; crop from :func:`lung_crop` with the
+    volume's :func:`crop_min_size`."""
+    least = crop_min_size(lung)
+    return [(z, crop) for z in range(lung.shape[0]) if (crop := lung_crop(lung[z] > 0, least)) is not None]
 
 
 def slice_view(hu: np.ndarray, z: int, crop: tuple[slice, slice]) -> np.ndarray:
