@@ -30,7 +30,7 @@ Cascade (:data:`CASCADE_RULE`, what :func:`diagnose` reports). Whether a slice o
 the infection segmentation, and only which kind of abnormal by the affinity head, as in a cascaded pipeline (lung,
 lesions, then their class). The head's own "normal" class was learned from the infection-free slices of two
 patients; left out of its training, the normal patient was called COVID-19 (``training/RESULTS.md``), while the
-segmentation was trained on pixel-level infection masks and marks 5.6 mL on that patient, against 129 mL and 254 mL
+segmentation was trained on pixel-level infection masks and marks 4.7 mL on that patient, against 124 mL and 208 mL
 on the COVID-19 and pneumonia patients. Per slice, with A the infected area inside the lung (the reduction's, after
 small components are dropped) and A0 the COVID-positive slice rule's ``min_lesion_area_mm2`` (20 mm^2):
 p(abnormal) = A / (A + A0), so a slice is more likely abnormal than normal exactly when it is COVID-positive;
