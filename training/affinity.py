@@ -562,7 +562,7 @@ def final(out: Path, recipe: dict, recipe_path: str, ship: bool) -> None:
             "RoI features of the head's own feature stages (copied from the segmentation branch, then trained with "
             f"the classification loss; {model.preprocess} preprocessing) plus the infnet's infection probability"
             if model.features is not None
-            else "RoI features of the shipped infnet backbone (stage 2 + infection probability"
+            else "RoI features of the shipped infnet backbone (stage 2 + infection probability)"
         )
         + ", 65 x 28 x 28, beta RoIs per slice, RoIs from the infnet's lesion instances; see "
         "covfast/pipeline/diagnosis.py",

@@ -29,7 +29,7 @@ import numpy as np
 from covfast.nn.affinity import CLASSES
 from covfast.pipeline.diagnosis import MIN_INFECTED_ML, aggregate, aggregate_cascade, cascade_probs
 from covfast.pipeline.severity import DEFAULT_RULES
-from training.affinity import slice_metrics
+from training.affinity import _ct_md_labels, slice_metrics
 
 
 def _report_slices(report: dict, slices: list[int]) -> np.ndarray:
@@ -88,17 +88,9 @@ def segmentation_flags(reports: dict[str, dict], labels: dict) -> dict:
     """Sensitivity / specificity of the reports' ``covid_positive`` flags against the radiologists' slice labels."""
     out = {}
     for case, report in reports.items():
-        info = labels[case]
-        location = np.asarray(info["slice_location_mm"], dtype=np.float64)
-        truth = np.asarray(info["infection_slice_labels"], dtype=bool)
-        flags, marked = [], []
-        for entry in report["slices"]:
-            if entry["lung_area_mm2"] <= 0:
-                continue
-            k = int(np.abs(location - entry["z_mm"]).argmin())
-            flags.append(bool(entry["covid_positive"]))
-            marked.append(bool(truth[k]))
-        flags, marked = np.array(flags), np.array(marked)
+        lung = [entry for entry in report["slices"] if entry["lung_area_mm2"] > 0]
+        flags = np.array([bool(entry["covid_positive"]) for entry in lung])
+        marked = _ct_md_labels(labels[case], np.array([entry["z_mm"] for entry in lung], dtype=np.float64))
         out[case] = {
             "slices": len(flags),
             "sensitivity": float(flags[marked].mean()) if marked.any() else None,
