@@ -402,7 +402,7 @@ def test_diagnosis_cascade_check_scores_both_rules_on_held_out_predictions():
     assert result["cascade"]["slices"]["confusion"] == [[2, 0, 1], [0, 0, 0], [1, 0, 3]]
     labels = {
         case: {"slice_location_mm": [2.0 * z for z in range(4)], "infection_slice_labels": lab}
-        for case, lab in (("P001", [1, 1, 1, 0]), ("normal001", [0, 0, 0, 0]))
+        for case, lab in (("P001", [0, 1, 1, 1]), ("normal001", [0, 0, 0, 0]))  # labels.json order: superior first
     }
     flags = segmentation_flags(reports, labels)
     assert flags["P001"] == {"slices": 4, "sensitivity": pytest.approx(2 / 3), "specificity": 1.0}

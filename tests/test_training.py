@@ -79,6 +79,42 @@ def test_augment_shapes_cutout_and_onehot():
     assert (xa * (1 - valid)).abs().sum() == 0
 
 
+def test_augment_intensity_touches_only_the_image_channel():
+    x = torch.rand(6, 2, 32, 32)
+    y = (torch.rand(6, 1, 32, 32) > 0.7).float()
+    base = {"cutout_p": 0.0}
+    plain = augment(x, y, AugmentConfig(**base), torch.Generator().manual_seed(1))
+    strong = AugmentConfig(**base, intensity_p=1.0, brightness=0.3, contrast=0.3, gamma=0.5, blur_sigma=1.5,
+                           noise_std=0.05)
+    xa, ya, _ = augment(x, y, strong, torch.Generator().manual_seed(1))
+    # The geometry is drawn first, so targets and the prior channel are those of the plain run.
+    torch.testing.assert_close(ya, plain[1])
+    torch.testing.assert_close(xa[:, 1:], plain[0][:, 1:])
+    assert (xa[:, 0] - plain[0][:, 0]).abs().mean() > 0.01
+    assert xa.min() >= 0 and xa.max() <= 1
+
+
+def test_augment_blur_smooths_and_keeps_the_mean():
+    from training.augment import _gaussian_blur
+
+    x = torch.rand(3, 1, 40, 40)
+    blurred = _gaussian_blur(x, torch.tensor([0.5, 1.0, 2.0]))
+    stds = blurred.std(dim=(1, 2, 3))
+    assert stds[0] > stds[1] > stds[2] and stds[0] < x.std()
+    torch.testing.assert_close(blurred.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.02, rtol=0)
+
+
+def test_augment_zoom_out_pads_with_air():
+    x = torch.ones(4, 1, 32, 32)
+    y = torch.ones(4, 1, 32, 32)
+    cfg = AugmentConfig(flip=False, rotate_deg=0.0, crop_min=2.0, scale_max=2.0, cutout_p=0.0)
+    xa, ya, _ = augment(x, y, cfg, torch.Generator().manual_seed(0))
+    # At scale 2 the slice fills half of each side; the rest is 0 in the image and in the target.
+    for t in (xa, ya):
+        filled = (t > 0.5).float().mean(dim=(1, 2, 3))
+        torch.testing.assert_close(filled, torch.full((4,), 0.25), atol=0.05, rtol=0)
+
+
 def test_cv_folds_partition():
     folds = cv_folds(50, 5, seed=0)
     assert sorted(np.concatenate(folds).tolist()) == list(range(50))
@@ -245,6 +281,17 @@ def test_ship_fold_model_writes_a_card_with_its_validation(tmp_path):
     assert card["validation"]["covid_ct_md_slice_flags"]["normal001"]["100.0"]["specificity"] == 0.9
     assert "P001" in card["data"] and card["training"]["fit_seconds"] == 3.0
 
+    # A later check-volumes run replaces only the slice flags; the weights' SHA-256 stays.
+    volumes["normal001"]["slice_flags"]["100.0"]["specificity"] = 0.95
+    (tmp_path / "volumes2.json").write_text(json.dumps(volumes))
+    from training.__main__ import main
+
+    card_path = tmp_path / "weights" / "infnet.json"
+    assert main(["card-slice-flags", str(card_path), str(tmp_path / "volumes2.json"), "--what", "ensemble"]) == 0
+    updated = json.loads(card_path.read_text())
+    assert updated["validation"]["covid_ct_md_slice_flags"]["normal001"]["100.0"]["specificity"] == 0.95
+    assert updated["validation"]["covid_ct_md_slice_flags"]["protocol"].endswith("; ensemble")
+    assert updated["sha256"] == card["sha256"] and updated["validation"]["metrics"] == card["validation"]["metrics"]
 
 def test_ship_partner_card_keeps_the_ensembles_out_of_fold_scores(tmp_path):
     from training.ship import ship
@@ -390,3 +437,36 @@ def test_with_teacher_blends_the_published_pseudo_labels(tmp_path, monkeypatch):
     assert groups["teacher"].targets[0].unique().tolist() == [228]  # round((200 + 255) / 2)
     assert groups["teacher"].targets[1].unique().tolist() == [100]
     assert recipes._with_teacher({"name": "x"}, tmp_path, None, unlabelled, "final.safetensors") is None
+
+
+# ---------------------------------------------------------------- COVID-CT-MD labels
+
+CTMD_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-ct-md" / "labels.json"
+
+
+def test_ctmd_labels_run_superior_first_and_match_by_location():
+    from training.ctmd import labels_at, lobe_centres, slice_labels
+
+    # labels.json: locations ascending, label arrays superior first (the dataset's own order).
+    info = {
+        "slice_location_mm": [-10.0, -8.0, -6.0, -4.0],
+        "infection_slice_labels": [1, 1, 0, 0],
+        "infection_lobe_labels": [[0, 0, 0, 0, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0]],
+    }
+    np.testing.assert_array_equal(slice_labels(info), [False, False, True, True])
+    np.testing.assert_array_equal(labels_at(info, np.array([-4.2, -10.0, -6.5])), [True, False, True])
+    assert lobe_centres(info) == {"RLL": -10.0, "RUL": -5.0}
+    with pytest.raises(ValueError, match="do not match"):
+        labels_at(info, np.array([-12.0]))
+
+
+@pytest.mark.skipif(not CTMD_LABELS.is_file(), reason="../shared/data/covid-ct-md is not present")
+def test_ctmd_lobe_labels_read_in_anatomical_order():
+    """P001's right lower, middle and upper lobe labels must run inferior to superior (location ascending).
+
+    This fails if labels.json's arrays are ever stored in ascending order: then flip training.ctmd.LABELS_DESCENDING.
+    """
+    from training.ctmd import lobe_centres
+
+    centres = lobe_centres(json.loads(CTMD_LABELS.read_text())["P001"])
+    assert centres["RLL"] < centres["RML"] < centres["RUL"]

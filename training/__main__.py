@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     ship.add_argument("--ensemble-check", help="ensemble_check.py --json output kept in the card (ensemble members)")
     ship.add_argument("--prior-check", help="mc_prior_check.py --json output kept in the card (multi-class models)")
     ship.add_argument("--dest", help="install into this folder instead of covfast/weights (to check a candidate)")
+    flags = sub.add_parser(
+        "card-slice-flags", help="replace an installed card's COVID-CT-MD slice flags with a new check-volumes run"
+    )
+    flags.add_argument("card", help="model card JSON, e.g. covfast/weights/infnet.json")
+    flags.add_argument("volumes", help="volumes.json of python -m training check-volumes")
+    flags.add_argument("--what", default="", help="which probability was thresholded, kept in the protocol text")
     score = sub.add_parser("score", help="score a single-class model file on one CV fold of the labelled slices")
     score.add_argument("model", help="a .safetensors model file")
     score.add_argument("--data", default=DEFAULT_DATA)
@@ -93,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
         print(json.dumps({k: v["mean"] for k, v in result["summary"].items()}, indent=1))
+        return 0
+    if args.command == "card-slice-flags":
+        from training.ship import update_slice_flags
+
+        card = update_slice_flags(args.card, args.volumes, args.what)
+        print(f"{card['name']}: slice flags from {args.volumes}")
         return 0
     if args.command == "ship":
         from training.ship import WEIGHTS, ship

@@ -59,6 +59,7 @@ from covfast.pipeline.diagnosis import (
     slice_view,
     stride8_features,
 )
+from training.ctmd import labels_at
 
 CT_MD_CASES = {"P001": "covid", "cap001": "pneumonia", "normal001": "normal"}
 CCCCII_SCANS = ("3131", "3132", "3133")
@@ -140,15 +141,6 @@ def _unwindow(views: list[np.ndarray]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _ct_md_labels(info: dict, z_mm: np.ndarray) -> np.ndarray:
-    """Radiologist slice labels on the canonical slices, matched by slice location (tolerance 1 mm)."""
-    location = np.asarray(info["slice_location_mm"], dtype=np.float64)
-    nearest = np.abs(location[None, :] - z_mm[:, None]).argmin(axis=1)
-    if np.abs(location[nearest] - z_mm).max() > 1.0:
-        raise ValueError("slice locations of labels.json do not match the volume's slices")
-    return np.asarray(info["infection_slice_labels"], dtype=bool)[nearest]
-
-
 def cache(
     data: Path, out: Path, device: str = "cpu", batch: int = 16, weights_dir: str | Path | None = None,
     zenodo: bool = False,
@@ -214,7 +206,7 @@ def cache(
     for case, cls in CT_MD_CASES.items():
         volume = load_volume(data / "covid-ct-md" / case)
         lung = lung_mask(volume.hu, volume.spacing_mm)
-        infected = _ct_md_labels(labels[case], np.asarray(volume.z_mm))
+        infected = labels_at(labels[case], np.asarray(volume.z_mm))
         work = _volume_views(volume.hu, lung)
         slice_cls = [cls if infected[z] or cls == "normal" else "normal" for z, _, _ in work]
         scored = [bool(infected[z]) or cls == "normal" for z, _, _ in work]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.ctmd import slice_labels
 from training.data import SliceSet, load_unlabelled
 
 
@@ -46,7 +47,7 @@ def ctmd_crops(data: str | Path, case: str, size: int, cache_dir: str | Path | N
     data = Path(data)
     volume = load_volume(data / case)
     lung = lung_mask(volume.hu, volume.spacing_mm)
-    labels = np.asarray(json.loads((data / "labels.json").read_text())[case]["infection_slice_labels"], np.uint8)
+    labels = slice_labels(json.loads((data / "labels.json").read_text())[case]).astype(np.uint8)
     work = lung_slices(lung)
     images = []
     for z, crop in work:

@@ -121,13 +121,31 @@ def _validation(
             **json.loads(Path(prior_check).read_text()),
         }
     if volume_check is not None:
-        summary = json.loads(Path(volume_check).read_text())
-        validation["covid_ct_md_slice_flags"] = {
-            "protocol": "slice flagged when infected area (p > 0.5) inside the lungs >= A mm^2, against the "
-            "radiologists' infection_slice_labels (python -m training check-volumes)",
-            **{case: {"diagnosis": v["diagnosis"], **v["slice_flags"]} for case, v in summary.items()},
-        }
+        validation["covid_ct_md_slice_flags"] = slice_flags_block(volume_check)
     return validation
+
+
+def slice_flags_block(volume_check: str | Path, what: str = "") -> dict:
+    """The card's ``covid_ct_md_slice_flags``: per case and area threshold, the slice flags of a ``check-volumes``
+    summary against the radiologists' slice labels (read superior first, :mod:`training.ctmd`); ``what`` says
+    which probability was thresholded when it is not this model's alone."""
+    summary = json.loads(Path(volume_check).read_text())
+    return {
+        "protocol": "slice flagged when infected area (p > 0.5) inside the lungs >= A mm^2, against the "
+        "radiologists' infection_slice_labels read superior first (training/ctmd.py; python -m training "
+        "check-volumes)" + (f"; {what}" if what else ""),
+        **{case: {"diagnosis": v["diagnosis"], **v["slice_flags"]} for case, v in summary.items()},
+    }
+
+
+def update_slice_flags(card_path: str | Path, volume_check: str | Path, what: str = "") -> dict:
+    """Replace an installed card's ``covid_ct_md_slice_flags`` with those of a new ``check-volumes`` run (the
+    weights and their SHA-256 are untouched); returns the card."""
+    card_path = Path(card_path)
+    card = json.loads(card_path.read_text())
+    card["validation"]["covid_ct_md_slice_flags"] = slice_flags_block(volume_check, what)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card
 
 
 def ship(

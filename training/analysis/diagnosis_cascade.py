@@ -29,7 +29,8 @@ import numpy as np
 from covfast.nn.affinity import CLASSES
 from covfast.pipeline.diagnosis import MIN_INFECTED_ML, aggregate, aggregate_cascade, cascade_probs
 from covfast.pipeline.severity import DEFAULT_RULES
-from training.affinity import _ct_md_labels, slice_metrics
+from training.affinity import slice_metrics
+from training.ctmd import labels_at
 
 
 def _report_slices(report: dict, slices: list[int]) -> np.ndarray:
@@ -90,7 +91,7 @@ def segmentation_flags(reports: dict[str, dict], labels: dict) -> dict:
     for case, report in reports.items():
         lung = [entry for entry in report["slices"] if entry["lung_area_mm2"] > 0]
         flags = np.array([bool(entry["covid_positive"]) for entry in lung])
-        marked = _ct_md_labels(labels[case], np.array([entry["z_mm"] for entry in lung], dtype=np.float64))
+        marked = labels_at(labels[case], np.array([entry["z_mm"] for entry in lung], dtype=np.float64))
         out[case] = {
             "slices": len(flags),
             "sensitivity": float(flags[marked].mean()) if marked.any() else None,
