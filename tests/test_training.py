@@ -470,3 +470,21 @@ def test_ctmd_lobe_labels_read_in_anatomical_order():
 
     centres = lobe_centres(json.loads(CTMD_LABELS.read_text())["P001"])
     assert centres["RLL"] < centres["RML"] < centres["RUL"]
+
+
+@pytest.mark.skipif(not CTMD_LABELS.is_file(), reason="../shared/data/covid-ct-md is not present")
+def test_ctmd_crops_cache_the_crops_but_read_labels_fresh(tmp_path):
+    from training.ctmd import slice_labels
+    from training.negatives import ctmd_crops
+
+    data = CTMD_LABELS.parent
+    first = ctmd_crops(data, "P001", 32, tmp_path)
+    expected = slice_labels(json.loads(CTMD_LABELS.read_text())["P001"])[first["z"]]
+    np.testing.assert_array_equal(first["labels"], expected)
+    (cached,) = tmp_path.glob("ctmd_P001_32_*.npz")
+    with np.load(cached) as saved:
+        assert sorted(saved.files) == ["images", "z"]
+    again = ctmd_crops(data, "P001", 32, tmp_path)
+    for key in ("images", "z", "labels"):
+        np.testing.assert_array_equal(again[key], first[key])
+    assert first["images"].shape[1:] == (1, 32, 32) and 0 < first["labels"].sum() < len(first["z"])

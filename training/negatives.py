@@ -30,24 +30,27 @@ def ctmd_crops(data: str | Path, case: str, size: int, cache_dir: str | Path | N
         data: the ``covid-ct-md`` folder (case folders and ``labels.json``).
         case: case folder name, e.g. "P001".
         size: square side of the crops.
-        cache_dir: folder for ``ctmd_<case>_<size>.npz`` (computed once, then read), or None.
+        cache_dir: folder for ``ctmd_<case>_<size>_s11crop.npz`` (the crops, computed once, then read), or None.
+            The name carries the crop rule (session 11's scale-consistent lung crops), so a cache of the older crops
+            is not read. The labels are not cached: they are read from ``labels.json`` each time
+            (:func:`training.ctmd.slice_labels`).
 
     Returns:
         ``{"images": [N, 1, size, size] uint8, "z": [N] int64, "labels": [N] uint8}`` for the N slices with lung;
         ``labels`` is 1 where a radiologist marked infection.
     """
-    cache = None if cache_dir is None else Path(cache_dir) / f"ctmd_{case}_{size}.npz"
+    data = Path(data)
+    labels = slice_labels(json.loads((data / "labels.json").read_text())[case]).astype(np.uint8)
+    cache = None if cache_dir is None else Path(cache_dir) / f"ctmd_{case}_{size}_s11crop.npz"
     if cache is not None and cache.exists():
         with np.load(cache) as saved:
-            return {key: saved[key] for key in ("images", "z", "labels")}
+            return {"images": saved["images"], "z": saved["z"], "labels": labels[saved["z"]]}
     from covfast.io import load_volume
     from covfast.pipeline.infection import lung_slices, slice_view
     from covfast.pipeline.lung import lung_mask
 
-    data = Path(data)
     volume = load_volume(data / case)
     lung = lung_mask(volume.hu, volume.spacing_mm)
-    labels = slice_labels(json.loads((data / "labels.json").read_text())[case]).astype(np.uint8)
     work = lung_slices(lung)
     images = []
     for z, crop in work:
@@ -59,7 +62,7 @@ def ctmd_crops(data: str | Path, case: str, size: int, cache_dir: str | Path | N
     result = {"images": np.stack(images), "z": zs, "labels": labels[zs]}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cache, **result)
+        np.savez_compressed(cache, images=result["images"], z=zs)
     return result
 
 
