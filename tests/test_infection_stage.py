@@ -20,6 +20,7 @@ from covfast.pipeline.infection import (
     slice_view,
     window_hu,
 )
+from covfast.pipeline.severity import DEFAULT_RULES
 
 HAS_WEIGHTS = (WEIGHTS_DIR / "infnet.safetensors").exists()
 ENGINES = ("torch", "onnx")
@@ -360,7 +361,7 @@ def test_diagnosis_sees_the_probability_its_head_was_trained_on(sample_slab):
     # The reported class probabilities are the cascade's: the head's split, the segmentation's p(abnormal).
     areas = ((seg.prob * (lung > 0)) > 0.5).sum(axis=(1, 2))[[e["index"] for e in result["slices"]]] * 0.7 * 0.7
     cascade = np.array([[entry["class_probs"][c] for c in ("covid", "pneumonia", "normal")] for entry in result["slices"]])
-    np.testing.assert_allclose(cascade, diagnosis.cascade_probs(got, areas, 20.0), atol=1e-9)
+    np.testing.assert_allclose(cascade, diagnosis.cascade_probs(got, areas, DEFAULT_RULES.min_lesion_area_mm2), atol=1e-9)
     # The backbone features the infection stage hands over replace the diagnosis' own backbone pass.
     assert sorted(seg.view_features) == sorted(seg.view_prob)
     reused = diagnosis.diagnose(hu, lung, seg.prob, (2.0, 0.7, 0.7), view_prob=seg.view_prob,

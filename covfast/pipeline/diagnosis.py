@@ -32,7 +32,7 @@ lesions, then their class). The head's own "normal" class was learned from the i
 patients; left out of its training, the normal patient was called COVID-19 (``training/RESULTS.md``), while the
 segmentation was trained on pixel-level infection masks and marks 4.7 mL on that patient, against 124 mL and 208 mL
 on the COVID-19 and pneumonia patients. Per slice, with A the infected area inside the lung (the reduction's, after
-small components are dropped) and A0 the COVID-positive slice rule's ``min_lesion_area_mm2`` (20 mm^2):
+small components are dropped) and A0 the COVID-positive slice rule's ``min_lesion_area_mm2`` (100 mm^2):
 p(abnormal) = A / (A + A0), so a slice is more likely abnormal than normal exactly when it is COVID-positive;
 p(covid) = p(abnormal) * s and p(pneumonia) = p(abnormal) * (1 - s), with s = p(covid) / (p(covid) + p(pneumonia))
 of the head. The volume is normal when its infected volume is below :data:`MIN_INFECTED_ML` (10 mL: the 5th
