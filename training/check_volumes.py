@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from covfast.nn.preprocess import PIXEL_MEAN
-from training.ctmd import slice_labels
+from training.ctmd import labels_at
 
 # Class 1 (GGO) yellow, class 2 (consolidation) red in the multi-class overlays.
 LESION_COLOURS = "autumn_r"
@@ -140,9 +140,7 @@ def check_volumes(
         dropped = drop_small_components(result.mask, result.prob, volume.spacing_mm, min_ml)
         pixel_mm2 = volume.spacing_mm[1] * volume.spacing_mm[2]
         area = ((result.prob > 0.5) & (lung > 0)).sum(axis=(1, 2)) * pixel_mm2
-        truth = slice_labels(info)
-        if len(truth) != len(area):
-            raise ValueError(f"{case}: {len(truth)} labels for {len(area)} slices")
+        truth = labels_at(info, volume.z_mm)
         crops = [window_hu(volume.hu[z][c]) for z, c in lung_slices(lung)]
         summary[case] = {
             "diagnosis": info["diagnosis"],

@@ -14,7 +14,7 @@ import numpy as np
 from covfast.io import load_volume
 from covfast.pipeline.lung import lung_mask
 from training.check_volumes import slice_flag_scores
-from training.ctmd import slice_labels
+from training.ctmd import labels_at
 
 data = Path("../shared/data/covid-ct-md")
 labels = json.loads((data / "labels.json").read_text())
@@ -30,7 +30,7 @@ for case, info in labels.items():
     else:
         lung = lung_mask(vol.hu, vol.spacing_mm)
         np.savez_compressed(lp, lung=lung)
-    truth = slice_labels(info)
+    truth = labels_at(info, vol.z_mm)
     voxel_ml = float(np.prod(vol.spacing_mm)) / 1000
     pixel_mm2 = vol.spacing_mm[1] * vol.spacing_mm[2]
     for run in runs:

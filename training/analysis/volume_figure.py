@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from covfast.io import load_volume
-from training.ctmd import slice_labels
+from training.ctmd import labels_at
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
                   f"1-5: {(distance <= 5).sum()}, 6-9: {((distance > 5) & (distance < 10)).sum()}, "
                   f">= 10: {(distance >= 10).sum()}")
     volume = load_volume(Path(args.data) / args.case)
-    labels = slice_labels(json.loads((Path(args.data) / "labels.json").read_text())[args.case])
+    labels = labels_at(json.loads((Path(args.data) / "labels.json").read_text())[args.case], volume.z_mm)
     with np.load(args.prob) as saved:
         prob = saved["prob"].astype(np.float32) / 255.0  # check-volumes stores p x 255 as uint8
     if prob.shape != volume.hu.shape:
