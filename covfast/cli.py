@@ -181,8 +181,15 @@ def _summary_line(name: str, report: dict, out_dir: Path) -> str:
     call = f", looks {diagnosis['label']} (experimental)" if diagnosis.get("label") else ""
     return (
         f"{name}: lung {lung:.0f} mL, infected {infected:.1f} mL ({pct:.1f} %), "
-        f"{report['severity']['ct_class']}{call} -> {out_dir}"
+        f"{report['severity']['ct_class']}{_pattern(report)}{call} -> {out_dir}"
     )
+
+
+def _pattern(report: dict) -> str:
+    from covfast.pipeline.distribution import pattern_phrase
+
+    phrase = pattern_phrase(report)
+    return f", {phrase}" if phrase else ""
 
 
 class _SliceProgress:

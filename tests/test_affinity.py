@@ -115,6 +115,27 @@ def test_cascade_probs_take_abnormality_from_the_segmentation_and_the_kind_from_
         cascade_probs(head, area, 0.0)
 
 
+def test_cascade_kind_from_the_peripheral_odds_ratio():
+    """kind_share replaces the head's split on every slice; pattern_share maps the odds ratio to s = OR / (1 + OR)."""
+    from covfast.pipeline.diagnosis import CASCADE_RULE, HEAD_CASCADE_RULE, pattern_share
+
+    assert pattern_share({"peripheral_odds_ratio": 3.0}) == pytest.approx(0.75)
+    assert pattern_share({"peripheral_odds_ratio": 1.0}) == pytest.approx(0.5)
+    assert pattern_share({"peripheral_odds_ratio": None}) is None and pattern_share(None) is None
+    head = np.array([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.0, 0.0, 1.0]])
+    area = np.array([180.0, 180.0, 0.0])
+    probs = cascade_probs(head, area, 20.0, kind_share=0.25)  # a central pattern: pneumonia on every slice
+    np.testing.assert_allclose(probs[:, 0], [0.225, 0.225, 0.0])
+    np.testing.assert_allclose(probs[:, 1], [0.675, 0.675, 0.0])
+    np.testing.assert_allclose(probs[:, 2], [0.1, 0.1, 1.0])
+    with pytest.raises(ValueError, match="kind_share"):
+        cascade_probs(head, area, 20.0, kind_share=1.5)
+    call = aggregate_cascade(probs, area, infected_ml=MIN_INFECTED_ML + 1, area_mm2=20.0)
+    assert call["label"] == "pneumonia" and call["rule"] == CASCADE_RULE
+    by_head = aggregate_cascade(cascade_probs(head, area, 20.0), area, MIN_INFECTED_ML + 1, 20.0, rule=HEAD_CASCADE_RULE)
+    assert by_head["rule"] == HEAD_CASCADE_RULE and by_head["probs"]["covid"] == pytest.approx(by_head["probs"]["pneumonia"])
+
+
 def test_aggregate_cascade_gates_on_infected_volume_then_types_the_positive_slices():
     area = np.zeros(40)
     area[:6] = 200.0
@@ -400,6 +421,17 @@ def test_diagnosis_cascade_check_scores_both_rules_on_held_out_predictions():
     assert result["volumes"]["normal001"]["cascade"]["label"] == "normal"
     # Scored slices: P001's 3 infected (2 found, 1 called normal), normal001's 4 (3 normal, 1 positive -> covid).
     assert result["cascade"]["slices"]["confusion"] == [[2, 0, 1], [0, 0, 0], [1, 0, 3]]
+    assert "pattern" not in result  # the reports carry no distribution
+    # With the reports' peripheral odds ratio, the pattern rule types P001 by it alone: a central pattern -> pneumonia.
+    reports["P001"]["distribution"] = {"peripheral_odds_ratio": 0.5}
+    reports["normal001"]["distribution"] = {"peripheral_odds_ratio": 4.0}
+    result = evaluate(lopo, reports, area_mm2=20.0, min_infected_ml=10.0)
+    assert result["volumes"]["P001"]["pattern"]["label"] == "pneumonia"
+    assert result["volumes"]["P001"]["pattern_share"] == pytest.approx(1 / 3)
+    assert result["volumes"]["normal001"]["pattern"]["label"] == "normal"  # the 10 mL gate still decides
+    assert result["pattern"]["slices"]["confusion"] == [[0, 2, 1], [0, 0, 0], [1, 0, 3]]
+    # blend: P001's share is the mean of the head's 0.8 / 0.9 and the pattern's 1/3, 0.61 -> covid.
+    assert result["volumes"]["P001"]["blend"]["label"] == "covid" and result["blend"]["volumes_right"] == 2
     labels = {
         case: {"slice_location_mm": [2.0 * z for z in range(4)], "infection_slice_labels": lab}
         for case, lab in (("P001", [0, 1, 1, 1]), ("normal001", [0, 0, 0, 0]))  # labels.json order: superior first

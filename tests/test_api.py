@@ -32,6 +32,10 @@ def test_infer_array_with_mask_matches_phantom_truth(chest, tmp_path):
     assert report["zones"]["left"][0]["percent_infected"] > 0  # the GGO sits in the lower/middle left lung
     assert result.lung_mask.shape == chest["hu"].shape
     assert report["input"]["kind"] == "array"
+    inside = (classes > 0) & (result.lung_mask > 0)
+    dist = report["distribution"]
+    assert dist["right_share"] == pytest.approx((inside & (result.lung_mask == 1)).sum() / inside.sum())
+    assert dist["pattern"] in ("peripheral", "central") and dist["peripheral_odds_ratio"] > 0
 
 
 def test_infer_array_without_model_reports_no_infection(chest, monkeypatch):
@@ -46,6 +50,7 @@ def test_infer_array_without_model_reports_no_infection(chest, monkeypatch):
     assert result.report["percent_infected"]["volumetric"] is None
     assert result.infection_mask is None
     assert any("no infection model" in note for note in result.report["notes"])
+    assert result.report["distribution"] is None
 
 
 def test_infer_rejects_an_unknown_engine(chest):

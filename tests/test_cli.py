@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -186,8 +187,15 @@ def test_infer_sample_with_shipped_models(sample, tmp_path, capsys):
     assert report["diagnosis"]["label"] in {"covid", "pneumonia", "normal"}
     assert report["infection_source"]["tta"] == "h"  # the default test-time augmentation
     assert sum(report["diagnosis"]["probs"].values()) == pytest.approx(1.0, abs=1e-3)
-    assert "held-out volumes" in report["diagnosis"]["validation"]
-    assert "training seeds" in report["diagnosis"]["validation"]  # the spread over seeds, from the model card
+    assert "volumes labelled right" in report["diagnosis"]["validation"]
+    assert "training seeds" in report["diagnosis"]["validation"]  # the head's spread over seeds, from the model card
+    # The kind comes from the infection's peripheral odds ratio: s = OR / (1 + OR) on every abnormal slice.
+    ratio = report["distribution"]["peripheral_odds_ratio"]
+    assert report["diagnosis"]["rule"].startswith("per slice p(abnormal)") and "peripheral odds ratio" in report[
+        "diagnosis"]["rule"]
+    for s in (s for s in report["slices"] if s.get("class_probs") and s["class_probs"]["normal"] < 1):
+        abnormal = 1 - s["class_probs"]["normal"]
+        assert s["class_probs"]["covid"] == pytest.approx(abnormal * ratio / (1 + ratio), abs=1e-9)
     assert report["lesions"]["count"] == len(report["lesions"]["volumes_ml"]) > 0
     lung_slices = [s for s in report["slices"] if s["lung_area_mm2"] > 0]
     assert all(sum(s["class_probs"].values()) == pytest.approx(1.0, abs=1e-3) for s in lung_slices)
@@ -361,3 +369,24 @@ def test_save_probabilities_writes_the_soft_map_on_the_input_grid(tmp_path):
     assert main(args + ["-o", str(tmp_path / "given"), "--save-probabilities", "--infection-mask",
                         str(folder / "infection_mask.nii.gz")]) == 0
     assert not (tmp_path / "given" / "slab" / "infection_prob.nii.gz").exists()
+
+
+def test_summary_line_names_the_infection_pattern_from_10_ml():
+    from covfast.cli import _summary_line
+
+    report = {
+        "lung_volume_ml": {"total": 5000.0},
+        "percent_infected": {"volumetric": 2.0},
+        "infected_volume_ml": {"total": 100.0},
+        "severity": {"ct_class": "CT1"},
+        "distribution": {"pattern": "peripheral", "bilateral": True},
+        "diagnosis": {"label": "covid"},
+    }
+    line = _summary_line("scan", report, Path("out/scan"))
+    assert "CT1, bilateral peripheral, looks covid (experimental) -> out/scan" in line
+    report["distribution"] = {"pattern": "central", "bilateral": False}
+    assert ", unilateral central," in _summary_line("scan", report, Path("o"))
+    report["infected_volume_ml"]["total"] = 4.0  # below the diagnosis's 10 mL the pattern is noise
+    assert "central" not in _summary_line("scan", report, Path("o"))
+    report["distribution"] = None
+    assert "CT1, looks covid" in _summary_line("scan", report, Path("o"))

@@ -27,18 +27,28 @@ standard deviation (the paper's input) instead of the 8-bit lung window. Instanc
 come from the shipped Inf-Net.
 
 Cascade (:data:`CASCADE_RULE`, what :func:`diagnose` reports). Whether a slice or a volume is abnormal is decided by
-the infection segmentation, and only which kind of abnormal by the affinity head, as in a cascaded pipeline (lung,
-lesions, then their class). The head's own "normal" class was learned from the infection-free slices of two
-patients; left out of its training, the normal patient was called COVID-19 (``training/RESULTS.md``), while the
-segmentation was trained on pixel-level infection masks and marks 4.7 mL on that patient, against 124 mL and 208 mL
-on the COVID-19 and pneumonia patients. Per slice, with A the infected area inside the lung (the reduction's, after
-small components are dropped) and A0 the COVID-positive slice rule's ``min_lesion_area_mm2`` (100 mm^2):
-p(abnormal) = A / (A + A0), so a slice is more likely abnormal than normal exactly when it is COVID-positive;
-p(covid) = p(abnormal) * s and p(pneumonia) = p(abnormal) * (1 - s), with s = p(covid) / (p(covid) + p(pneumonia))
-of the head. The volume is normal when its infected volume is below :data:`MIN_INFECTED_ML` (10 mL: the 5th
-percentile of the 50 radiologist masks of mild (CT-1) COVID-19 in ``mosmed-masks`` is 10.6 mL, their median
-66 mL), else the larger of mean p(covid) and mean p(pneumonia) over the COVID-positive slices. ``probs`` are the means
-over the slices that decided (the COVID-positive slices, or all lung slices for a normal volume).
+the infection segmentation, as in a cascaded pipeline (lung, lesions, then their class). The head's own "normal" class
+was learned from the infection-free slices of two patients; left out of its training, the normal patient was called
+COVID-19 (``training/RESULTS.md``), while the segmentation was trained on pixel-level infection masks and marks 4.7 mL
+on that patient, against 124 mL and 208 mL on the COVID-19 and pneumonia patients. Per slice, with A the infected
+area inside the lung (the reduction's, after small components are dropped) and A0 the COVID-positive slice rule's
+``min_lesion_area_mm2`` (100 mm^2): p(abnormal) = A / (A + A0), so a slice is more likely abnormal than normal exactly
+when it is COVID-positive; p(covid) = p(abnormal) * s and p(pneumonia) = p(abnormal) * (1 - s). The volume is normal
+when its infected volume is below :data:`MIN_INFECTED_ML` (10 mL: the 5th percentile of the 50 radiologist masks of
+mild (CT-1) COVID-19 in ``mosmed-masks`` is 10.6 mL, their median 66 mL), else the larger of mean p(covid) and mean
+p(pneumonia) over the COVID-positive slices. ``probs`` are the means over the slices that decided (the COVID-positive
+slices, or all lung slices for a normal volume).
+
+Which kind, s (since session 13): the pipeline passes the infection's peripheral predominance,
+s = OR / (1 + OR) with OR the odds ratio of an infected voxel lying in the outer third of its lung against a lung
+voxel (:func:`pattern_share`, :mod:`covfast.pipeline.distribution`), the same s for every slice of the scan:
+COVID-19 pneumonia is typically peripheral, other pneumonias less so (the RSNA consensus statement's "typical"
+pattern). Until session 13 s was the head's own p(covid) / (p(covid) + p(pneumonia)) per slice, and it is still used
+when no ``kind_share`` is given. On the three COVID-CT-MD patients the head's split separated the COVID-19 and the
+pneumonia patient's infected slices no better than chance (AUC 0.23-0.64 over three training seeds), and its volume
+calls changed with the training seed; the peripheral odds ratio, which has no parameter fitted to them, put P001 at
+1.53 and cap001 at 0.90 (``training/RESULTS.md``, "Session 13"). The head's probabilities stay in the report per
+slice (``head_probs``).
 
 Head-only rule (:data:`RULE`, :func:`aggregate`; how the head alone is scored in training): slice class
 probabilities are the head's per-class sigmoids normalised to sum 1; a lung slice is abnormal when its normal
@@ -72,6 +82,13 @@ RULE = (
 )
 MIN_INFECTED_ML = 10.0
 CASCADE_RULE = (
+    "per slice p(abnormal) = A / (A + A0), A the infected area inside the lung, A0 = min_lesion_area_mm2, split into "
+    "covid / pneumonia by s = OR / (1 + OR), OR the infection's peripheral odds ratio (report 'distribution': "
+    "outer third of each lung), the same s on every slice; volume normal when the infected volume is below "
+    f"{MIN_INFECTED_ML:g} mL, else argmax of mean p(covid) vs mean p(pneumonia) over the COVID-positive slices "
+    "(A >= A0), i.e. covid when OR >= 1; head_probs: the affinity head's own classes"
+)
+HEAD_CASCADE_RULE = (
     "per slice p(abnormal) = A / (A + A0), A the infected area inside the lung, A0 = min_lesion_area_mm2, split into "
     "covid / pneumonia by the affinity head's p(covid) / (p(covid) + p(pneumonia)); volume normal when the infected "
     f"volume is below {MIN_INFECTED_ML:g} mL, else argmax of mean p(covid) vs mean p(pneumonia) over the COVID-positive "
@@ -217,13 +234,24 @@ def _volume_call(slice_probs: np.ndarray, abnormal: np.ndarray, is_abnormal: boo
     }
 
 
-def cascade_probs(head_probs: np.ndarray, infected_area_mm2: np.ndarray, area_mm2: float) -> np.ndarray:
+def pattern_share(distribution: dict | None) -> float | None:
+    """The covid share s = OR / (1 + OR) of the infection's peripheral odds ratio
+    (:func:`covfast.pipeline.distribution.lesion_distribution`); None when it has none."""
+    ratio = (distribution or {}).get("peripheral_odds_ratio")
+    return None if ratio is None else float(ratio) / (1.0 + float(ratio))
+
+
+def cascade_probs(
+    head_probs: np.ndarray, infected_area_mm2: np.ndarray, area_mm2: float, kind_share: float | None = None
+) -> np.ndarray:
     """Slice class probabilities of the cascade (:data:`CASCADE_RULE`).
 
     Args:
         head_probs: [N, 3] the affinity head's class probabilities (order of ``CLASSES``).
         infected_area_mm2: [N] infected area inside the lung of each slice.
         area_mm2: A0, the COVID-positive slice rule's area (p(abnormal) = 0.5 there).
+        kind_share: when given, every slice's covid share of p(abnormal) (e.g. :func:`pattern_share`) instead of
+            the head's p(covid) / (p(covid) + p(pneumonia)).
 
     Returns:
         [N, 3] float64, rows summing to 1.
@@ -236,8 +264,13 @@ def cascade_probs(head_probs: np.ndarray, infected_area_mm2: np.ndarray, area_mm
         raise ValueError(f"{len(head)} slices of head probabilities but {len(area)} infected areas")
     covid, pneumonia, normal = (CLASSES.index(c) for c in ("covid", "pneumonia", "normal"))
     abnormal = area / (area + area_mm2)
-    lesion = head[:, covid] + head[:, pneumonia]
-    share = np.divide(head[:, covid], lesion, out=np.full(len(head), 0.5), where=lesion > 0)
+    if kind_share is not None:
+        if not 0.0 <= kind_share <= 1.0:
+            raise ValueError(f"kind_share must lie in [0, 1], got {kind_share}")
+        share = np.full(len(head), float(kind_share))
+    else:
+        lesion = head[:, covid] + head[:, pneumonia]
+        share = np.divide(head[:, covid], lesion, out=np.full(len(head), 0.5), where=lesion > 0)
     out = np.empty_like(head)
     out[:, covid] = abnormal * share
     out[:, pneumonia] = abnormal * (1.0 - share)
@@ -251,6 +284,7 @@ def aggregate_cascade(
     infected_ml: float,
     area_mm2: float,
     min_infected_ml: float = MIN_INFECTED_ML,
+    rule: str = CASCADE_RULE,
 ) -> dict:
     """Volume diagnosis of the cascade (:data:`CASCADE_RULE`) from :func:`cascade_probs` of the lung slices.
 
@@ -260,6 +294,7 @@ def aggregate_cascade(
         infected_ml: infected volume of the whole scan.
         area_mm2: A0, the COVID-positive slice rule's area.
         min_infected_ml: below this infected volume the scan is normal.
+        rule: the rule text recorded (:data:`HEAD_CASCADE_RULE` when the head's split made ``slice_probs``).
 
     Returns:
         ``{"label", "probs": {class: p}, "rule", "abnormal_slices"}`` (abnormal = COVID-positive slices); label and
@@ -268,8 +303,8 @@ def aggregate_cascade(
     slice_probs = np.asarray(slice_probs, dtype=np.float64).reshape(-1, 3)
     positive = np.asarray(infected_area_mm2, dtype=np.float64).reshape(-1) >= area_mm2
     if not len(slice_probs):
-        return {"label": None, "probs": None, "rule": CASCADE_RULE, "abnormal_slices": 0}
-    return _volume_call(slice_probs, positive, infected_ml >= min_infected_ml and bool(positive.any()), CASCADE_RULE)
+        return {"label": None, "probs": None, "rule": rule, "abnormal_slices": 0}
+    return _volume_call(slice_probs, positive, infected_ml >= min_infected_ml and bool(positive.any()), rule)
 
 
 def lesion_volumes(infection_prob: np.ndarray, lung: np.ndarray, spacing_mm) -> list[float]:
@@ -319,6 +354,7 @@ def diagnose(
     view_features: dict[int, torch.Tensor] | None = None,
     infected_area_mm2: np.ndarray | None = None,
     area_mm2: float | None = None,
+    kind_share: float | None = None,
 ) -> dict:
     """Per-slice class probabilities, lesion instances and the volume diagnosis of a CT volume.
 
@@ -340,6 +376,8 @@ def diagnose(
         infected_area_mm2: [D] infected area inside the lung per slice as the report counts it (the pipeline
             passes the reduction's); default: ``infection_prob > 0.5`` inside the lung.
         area_mm2: A0 of the cascade, the COVID-positive slice area (default: the severity rules').
+        kind_share: the covid share s of every slice's p(abnormal) (the pipeline passes :func:`pattern_share` of
+            the report's ``distribution``); None: the head's own split per slice (:data:`HEAD_CASCADE_RULE`).
 
     Returns:
         ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "head_probs", "lesions"}], "lesions":
@@ -406,7 +444,8 @@ def diagnose(
         with torch.no_grad():
             head_probs = class_probs(head(rois.to(device)))
         areas = infected_area_mm2[[z for z, _ in chunk]]
-        for (z, _), p, q, n in zip(chunk, cascade_probs(head_probs, areas, area_mm2), head_probs, counts):
+        cascade = cascade_probs(head_probs, areas, area_mm2, kind_share)
+        for (z, _), p, q, n in zip(chunk, cascade, head_probs, counts):
             slices.append(
                 {
                     "index": int(z),
@@ -425,7 +464,9 @@ def diagnose(
     return {
         "slices": slices,
         "lesions": {"count": len(volumes), "volumes_ml": volumes},
-        "diagnosis": aggregate_cascade(table, lung_areas, infected_ml, area_mm2),
+        "diagnosis": aggregate_cascade(
+            table, lung_areas, infected_ml, area_mm2, rule=CASCADE_RULE if kind_share is not None else HEAD_CASCADE_RULE
+        ),
         "models": [
             {"name": SINGLE_CLASS, "sha256": infnet.card["sha256"]},
             {"name": MODEL_NAME, "sha256": card["sha256"]},

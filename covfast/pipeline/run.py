@@ -112,10 +112,14 @@ class Result:
                 f"lung {report['lung_volume_ml']['total']:.0f} mL, infected "
                 f"{report['infected_volume_ml']['total']:.1f} mL = {pct:.1f} % -> {report['severity']['ct_class']}"
             )
+        from covfast.pipeline.distribution import pattern_phrase
+
+        if pattern_phrase(report):
+            summary += f", {pattern_phrase(report)}"
         diagnosis = report.get("diagnosis")
         if diagnosis and diagnosis["probs"]:
             probs = ", ".join(f"{name} {p:.2f}" for name, p in diagnosis["probs"].items())
-            summary += f"; diagnosis (segmentation + Affinity head, experimental): {diagnosis['label']} ({probs})"
+            summary += f"; diagnosis (segmentation + lesion pattern, experimental): {diagnosis['label']} ({probs})"
         return render_preview(
             self.volume.hu,
             self.lung_mask,
@@ -285,6 +289,10 @@ def analyze(
             slice_ratio = np.where(lung_area > 0, infected_voxels.sum(axis=(1, 2)) / lung_area, np.nan)
     if summary["infected_volume_ml"]["total"] is not None:
         summary["infected_volume_ml"]["soft"] = soft_ml
+    with _timed(timings, "distribution"):
+        from covfast.pipeline.distribution import lesion_distribution
+
+        summary["distribution"] = lesion_distribution(lung, classes, volume.spacing_mm, rules.min_lesion_ml)
     diagnosis = None
     if prob is not None and diagnose_volume:
         with _timed(timings, "diagnosis"):
@@ -331,14 +339,18 @@ def _diagnose(volume, lung, prob, views, device, batch_size, summary, models, no
     per-slice entries (``class_probs``, ``lesions``); None, with a note, when its weights are not installed.
     ``views``: the infection stage's (view_prob, view_features); the cascade reads the summary's per-slice infected
     areas, so a slice's class agrees with its ``covid_positive`` flag."""
-    from covfast.pipeline.diagnosis import diagnose
+    from covfast.pipeline.diagnosis import diagnose, pattern_share
 
     view_prob, view_features = views
     areas = np.array([entry["infected_area_mm2"] for entry in summary["slices"]], dtype=np.float64)
+    # The kind comes from the infection's peripheral predominance (CASCADE_RULE); a scan with no infected voxel has
+    # no pattern, and no abnormal slice for a kind to matter (s = 0.5).
+    share = pattern_share(summary.get("distribution"))
     try:
         result = diagnose(
             volume.hu, lung, prob, volume.spacing_mm, device=device, batch_size=batch_size, view_prob=view_prob,
             view_features=view_features, infected_area_mm2=areas, area_mm2=rules.min_lesion_area_mm2,
+            kind_share=0.5 if share is None else share,
         )
     except ModelNotInstalledError as exc:
         notes.append(f"no diagnosis: {exc}")
@@ -363,6 +375,20 @@ def _diagnosis_validation() -> str | None:
         return None
     card = json.loads(card_path.read_text())
     cascade = card.get("validation_cascade")
+    if cascade and "pattern" in cascade:
+        # The rule the report uses since session 13 (CASCADE_RULE): the kind from the peripheral odds ratio.
+        pattern, head = cascade["pattern"], cascade["cascade"]
+        line = (
+            f"on P001, cap001, normal001 (segmentation decides abnormal, the infection's peripheral odds ratio which "
+            f"kind, the kind's rule not fitted to these patients): {pattern['volumes_right']} of "
+            f"{len(cascade['volumes'])} volumes labelled right, slice macro-F1 {pattern['slices']['macro_f1']:.2f}"
+        )
+        rights = [head["volumes_right"]] + [rep["cascade"]["volumes_right"] for rep in cascade.get("replicates", [])]
+        line += (
+            f"; the kind rests on one COVID-19 and one pneumonia patient (the affinity head's own split, held out: "
+            f"{min(rights)}-{max(rights)} of 3 over {len(rights)} training seeds)"
+        )
+        return line + "; experimental"
     if cascade:
         # The rule the report uses (covfast/pipeline/diagnosis.py: CASCADE_RULE), checked leave-one-patient-out.
         right = cascade["cascade"]["volumes_right"]

@@ -29,10 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from covfast.nn.affinity import CLASSES
-from covfast.pipeline.diagnosis import MIN_INFECTED_ML, aggregate, aggregate_cascade, cascade_probs
+from covfast.pipeline.diagnosis import MIN_INFECTED_ML, aggregate, aggregate_cascade, cascade_probs, pattern_share
 from covfast.pipeline.severity import DEFAULT_RULES
 from training.affinity import slice_metrics
 from training.ctmd import labels_at
+
+# head: the affinity head alone; cascade: segmentation decides abnormal, the head which kind (shipped until session
+# 13); pattern: the same, the kind from the infection's peripheral odds ratio (report "distribution"), the head unused;
+# blend: the kind share averaged between the head's and the pattern's.
+RULES = ("head", "cascade", "pattern", "blend")
 
 
 def _report_slices(report: dict, slices: list[int]) -> np.ndarray:
@@ -43,7 +48,7 @@ def _report_slices(report: dict, slices: list[int]) -> np.ndarray:
 def evaluate(lopo: dict, reports: dict[str, dict], area_mm2: float, min_infected_ml: float) -> dict:
     """Slice metrics and volume calls of the head alone and of the cascade, per held-out patient and pooled."""
     out = {"area_mm2": area_mm2, "min_infected_ml": min_infected_ml, "volumes": {}}
-    pooled = {"head": ([], []), "cascade": ([], [])}
+    pooled = {name: ([], []) for name in RULES}
     for held, pred in lopo["predictions"].items():
         truth = lopo["volumes"][held]["truth"]
         head = np.asarray(pred["probs"], dtype=np.float64)
@@ -54,10 +59,22 @@ def evaluate(lopo: dict, reports: dict[str, dict], area_mm2: float, min_infected
         infected_ml = float(report["infected_volume_ml"]["total"])
         cascade = cascade_probs(head, areas, area_mm2)
         entry = {"truth": truth, "infected_ml": infected_ml}
-        for name, probs, call in (
+        rules = [
             ("head", head, aggregate(head)),
             ("cascade", cascade, aggregate_cascade(cascade, areas, infected_ml, area_mm2, min_infected_ml)),
-        ):
+        ]
+        share = pattern_share(report.get("distribution"))
+        if share is not None:
+            entry["pattern_share"] = share
+            pattern = cascade_probs(head, areas, area_mm2, kind_share=share)
+            blend = cascade_probs(head, areas, area_mm2, kind_share=None)
+            # the head's share and the pattern's, averaged per slice
+            abnormal = 1.0 - blend[:, CLASSES.index("normal")]
+            blend[:, CLASSES.index("covid")] = 0.5 * (blend[:, CLASSES.index("covid")] + abnormal * share)
+            blend[:, CLASSES.index("pneumonia")] = abnormal - blend[:, CLASSES.index("covid")]
+            for name, probs in (("pattern", pattern), ("blend", blend)):
+                rules.append((name, probs, aggregate_cascade(probs, areas, infected_ml, area_mm2, min_infected_ml)))
+        for name, probs, call in rules:
             entry[name] = {
                 "label": call["label"],
                 "probs": call["probs"],
@@ -68,6 +85,8 @@ def evaluate(lopo: dict, reports: dict[str, dict], area_mm2: float, min_infected
             pooled[name][1].append(probs[scored])
         out["volumes"][held] = entry
     for name, (truth, probs) in pooled.items():
+        if not probs:
+            continue
         out[name] = {
             "volumes_right": sum(v[name]["label"] == v["truth"] for v in out["volumes"].values()),
             "slices": slice_metrics(truth, np.concatenate(probs)),
@@ -83,7 +102,8 @@ def _summary(result: dict) -> dict:
             "macro_f1": result[name]["slices"]["macro_f1"],
             "labels": {held: v[name]["label"] for held, v in result["volumes"].items()},
         }
-        for name in ("head", "cascade")
+        for name in RULES
+        if name in result
     }
 
 
@@ -131,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                      args.min_infected_ml))}
             for path, rep in ((path, json.loads(path.read_text())) for path in args.replicates)
         ]
-    for name in ("head", "cascade"):
+    for name in (name for name in RULES if name in result):
         s = result[name]["slices"]
         f1 = " / ".join(f"{s['f1'][c]:.2f}" if s["f1"][c] is not None else "-" for c in CLASSES)
         calls = ", ".join(f"{h} -> {v[name]['label']}" for h, v in result["volumes"].items())
@@ -145,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in result.get("replicates", []):
         print(f"seed {rep['seed']}: " + "; ".join(
             f"{name} {rep[name]['volumes_right']} of 3 volumes, macro-F1 {rep[name]['macro_f1']:.3f}"
-            for name in ("head", "cascade")))
+            for name in RULES if name in rep))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -1,0 +1,94 @@
+"""Peripheral predominance and laterality of the infection (covfast.pipeline.distribution)."""
+
+import numpy as np
+import pytest
+
+from covfast.pipeline.distribution import OUTER_FRACTION, lesion_distribution, peripheral_masks
+
+SPACING = (2.0, 0.8, 0.8)
+
+
+def _lungs(depth: int = 6, size: int = 96) -> np.ndarray:
+    """[D, H, W] uint8: two discs of radius 20 px per slice, right lung (1) at low columns, left (2) at high."""
+    rows, cols = np.mgrid[:size, :size]
+    lung = np.zeros((depth, size, size), np.uint8)
+    for label, centre in ((1, 26), (2, 70)):
+        disc = (rows - size // 2) ** 2 + (cols - centre) ** 2 <= 20**2
+        lung[:, disc] = label
+    return lung
+
+
+def _ring(size: int, centre_col: int, r_lo: float, r_hi: float) -> np.ndarray:
+    rows, cols = np.mgrid[:size, :size]
+    r = np.hypot(rows - size // 2, cols - centre_col)
+    return (r >= r_lo) & (r < r_hi)
+
+
+def test_outer_third_of_a_disc_is_its_rim():
+    lung = _lungs()[0]
+    outer = peripheral_masks(lung, (0.8, 0.8))
+    assert not (outer & (lung == 0)).any()
+    # A disc of radius 20 px: depth <= 1/3 of the largest depth is the rim from radius ~13.3 outwards.
+    assert outer[_ring(96, 26, 15, 19)].all()
+    assert not outer[_ring(96, 26, 0, 12)].any()
+    # The rim of a disc holds 1 - (2/3)^2 = 5/9 of its area.
+    frac = outer[lung == 1].mean()
+    assert frac == pytest.approx(1 - (1 - OUTER_FRACTION) ** 2, abs=0.06)
+
+
+@pytest.mark.parametrize("where, pattern", [("rim", "peripheral"), ("core", "central")])
+def test_peripheral_and_central_infection(where, pattern):
+    lung = _lungs()
+    infected = np.zeros(lung.shape, np.uint8)
+    band = _ring(96, 26, 16, 20) if where == "rim" else _ring(96, 26, 0, 8)
+    infected[:, band] = 1
+    infected[:, _ring(96, 70, 16, 20) if where == "rim" else _ring(96, 70, 0, 8)] = 2  # class 2 counts too
+    out = lesion_distribution(lung, infected, SPACING, min_lesion_ml=0.1)
+    assert out["pattern"] == pattern
+    if pattern == "peripheral":
+        assert out["peripheral_fraction"] > 0.9 and out["peripheral_odds_ratio"] > 5
+    else:
+        assert out["peripheral_fraction"] < 0.1 and out["peripheral_odds_ratio"] < 0.2
+    assert out["bilateral"] is True
+    assert out["right_share"] == pytest.approx(0.5, abs=0.02)
+    assert 0.4 < out["lung_peripheral_fraction"] < 0.7
+
+
+def test_infection_spread_like_the_lung_has_odds_ratio_one():
+    lung = _lungs()
+    out = lesion_distribution(lung, lung > 0, SPACING)
+    assert out["peripheral_fraction"] == pytest.approx(out["lung_peripheral_fraction"])
+    assert out["peripheral_odds_ratio"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_unilateral_infection_outside_the_lung_ignored():
+    lung = _lungs()
+    infected = np.zeros(lung.shape, np.uint8)
+    infected[:, _ring(96, 26, 16, 20)] = 1
+    infected[:, :5, :] = 1  # outside both lungs: not counted
+    out = lesion_distribution(lung, infected, SPACING, min_lesion_ml=0.1)
+    assert out["bilateral"] is False
+    assert out["right_share"] == 1.0
+    assert out["peripheral_fraction"] > 0.9
+
+
+def test_no_infection():
+    lung = _lungs()
+    assert lesion_distribution(lung, None, SPACING) is None
+    out = lesion_distribution(lung, np.zeros(lung.shape, np.uint8), SPACING)
+    assert out["pattern"] is None and out["peripheral_odds_ratio"] is None and out["bilateral"] is False
+    assert out["lung_peripheral_fraction"] > 0
+
+
+def test_wholly_peripheral_odds_ratio_is_finite():
+    lung = _lungs()
+    infected = np.zeros(lung.shape, np.uint8)
+    infected[:, _ring(96, 26, 19, 20)] = 1
+    out = lesion_distribution(lung, infected, SPACING)
+    assert out["peripheral_fraction"] == 1.0
+    assert np.isfinite(out["peripheral_odds_ratio"]) and out["peripheral_odds_ratio"] > 1
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="one shape"):
+        lesion_distribution(_lungs(), np.zeros((2, 96, 96), np.uint8), SPACING)
