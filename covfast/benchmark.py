@@ -27,6 +27,7 @@ STAGES = {
     "infection": ("infection",),
     "reduction": ("reduction",),
     "severity": ("severity",),
+    "distribution": ("distribution",),
     "diagnosis": ("diagnosis",),
     "write": ("write_masks", "preview"),
 }
