@@ -237,6 +237,7 @@ def cmd_infer(args) -> int:
     from covfast.errors import OutputError
     from covfast.io import find_inputs
     from covfast.pipeline.run import resolve_device
+    from covfast.report import summary
 
     out_root = Path(args.out)
     if out_root.exists() and not out_root.is_dir():
@@ -245,6 +246,7 @@ def cmd_infer(args) -> int:
         raise UsageError("--infection-mask applies to a single input")
     device = resolve_device(args.device)
     inputs = find_inputs(args.inputs)
+    summary.read(out_root / summary.FILENAME)  # an existing file that is not our table stops the run before any work
     _show_progress_messages(not args.quiet)
     if (args.engine in ("onnx", "tensorrt") or args.precision) and not args.infection_mask:
         _load_engines(args.engine, device, args.precision, not args.no_ensemble)
@@ -259,6 +261,7 @@ def cmd_infer(args) -> int:
     else:
         outcomes = infer_many(inputs, [out_root / name for name in names], progress=slices.__getitem__, **options)
     failures = 0
+    rows = []
     bar = tqdm(total=len(inputs), desc="covfast", unit="volume", disable=args.quiet or len(inputs) < 2,
                file=sys.stderr)
     for index, outcome in outcomes:
@@ -273,7 +276,10 @@ def cmd_infer(args) -> int:
         for note in outcome.report["notes"]:
             tqdm.write(f"covfast: note: {names[index]}: {note}", file=sys.stderr)
         tqdm.write(_summary_line(names[index], outcome.report, out_root / names[index]))
+        rows.append(summary.row(names[index], outcome.report))
     bar.close()
+    if rows:
+        summary.update(out_root, rows)
     return EXIT_BAD_INPUT if failures else EXIT_OK
 
 

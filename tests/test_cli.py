@@ -1,5 +1,6 @@
 """End-to-end: `covfast infer` / `covfast info` on the shipped sample volume, exit codes, nothing partial left."""
 
+import csv
 import importlib.util
 import json
 import sys
@@ -96,6 +97,9 @@ def test_infer_sample_with_mask(sample, known_mask, tmp_path, capsys):
     assert (folder / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "sample_ct" in capsys.readouterr().out
     assert not list(out.glob(".*partial"))
+    (summary,) = csv.DictReader((out / "summary.csv").open())
+    assert summary["output"] == "sample_ct" and summary["ct_class"] == report["severity"]["ct_class"]
+    assert float(summary["infected_ml"]) == pytest.approx(total, rel=1e-5)
 
 
 def test_missing_input_exit_3(tmp_path, capsys):
@@ -266,11 +270,54 @@ def test_several_inputs_one_failing(tmp_path, capsys):
     assert len(errors) == 1 and "broken.nii.gz" in errors[0]
     summaries = [line.split(":")[0] for line in captured.out.splitlines()]
     assert summaries == ["first", "last"]
-    assert sorted(p.name for p in out.iterdir()) == ["first", "last"]
+    assert sorted(p.name for p in out.iterdir()) == ["first", "last", "summary.csv"]
     for name, source in (("first", first), ("last", last)):
         report = json.loads((out / name / "report.json").read_text())
         assert report["input"]["path"] == str(source)
         assert nib.load(str(out / name / "lung_mask.nii.gz")).shape == nib.load(str(source)).shape
+    # summary.csv: a row per finished input, none for the broken one.
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["output"] for r in rows] == ["first", "last"]
+    assert [r["input"] for r in rows] == [str(first), str(last)]
+    # A second run into the same folder replaces its inputs' rows and keeps the others.
+    assert main(["infer", str(last), "-o", str(out), "--device", "cpu", "-q", "--no-preview"]) == 0
+    again = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["output"] for r in again] == ["first", "last"] and again[0] == rows[0]
+
+
+def test_summary_csv_rows_and_a_foreign_file_is_refused(tmp_path, capsys):
+    from covfast.report.summary import COLUMNS, row
+
+    report = {
+        "input": {"path": "/data/p1.nii.gz"},
+        "lung_volume_ml": {"total": 5000.0},
+        "infected_volume_ml": {"total": 100.0, "ggo": 70.0, "consolidation": 30.0},
+        "percent_infected": {"volumetric": 2.0, "mean_of_slices": 2.5},
+        "severity": {"ct_class": "CT1"},
+        "zone_ct_score": 7,
+        "slices": [{"covid_positive": True}, {"covid_positive": False}, {"covid_positive": True}],
+        "lesions": {"count": 4},
+        "distribution": {"peripheral_odds_ratio": 1.5, "pattern": "peripheral", "bilateral": False},
+        "diagnosis": {"label": "covid", "probs": {"covid": 0.6, "pneumonia": 0.3, "normal": 0.1}},
+        "timings_s": {"total": 8.5},
+        "notes": ["a", "b"],
+    }
+    r = row("p1", report)
+    assert tuple(r) == COLUMNS
+    assert r["infected_ml"] == "100" and r["covid_positive_slices"] == "2" and r["bilateral"] == "no"
+    assert r["p_covid"] == "0.6" and r["notes"] == "a | b" and r["ct_class"] == "CT1"
+    # No infection segmentation: empty cells, not "None".
+    bare = row("p2", {"input": {"path": "x"}, "lung_volume_ml": {"total": 0.0}, "slices": [{"covid_positive": None}],
+                      "distribution": None, "diagnosis": None})
+    assert bare["infected_ml"] == bare["covid_positive_slices"] == bare["bilateral"] == bare["diagnosis"] == ""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.csv").write_text("patient,score\n1,2\n")
+    assert main(["infer", str(sample_path()), "-o", str(out), "--device", "cpu", "-q"]) == 3
+    err = capsys.readouterr().err
+    assert "summary.csv" in err and "not a covfast summary table" in err
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]  # nothing ran
+    assert (out / "summary.csv").read_text() == "patient,score\n1,2\n"
 
 
 def _strict_json(path):

@@ -114,12 +114,16 @@ class Result:
             )
         from covfast.pipeline.distribution import pattern_phrase
 
-        if pattern_phrase(report):
-            summary += f", {pattern_phrase(report)}"
+        pattern = pattern_phrase(report)
+        if pattern:
+            ratio = report["distribution"]["peripheral_odds_ratio"]
+            summary += f", {pattern} (peripheral odds ratio {ratio:.2f})"
         diagnosis = report.get("diagnosis")
         if diagnosis and diagnosis["probs"]:
             probs = ", ".join(f"{name} {p:.2f}" for name, p in diagnosis["probs"].items())
-            summary += f"; diagnosis (segmentation + lesion pattern, experimental): {diagnosis['label']} ({probs})"
+            # A line of its own: with the severity figures it would run past the figure's edge.
+            summary += f"\ndiagnosis (experimental; abnormal by the segmentation, kind by the lesion pattern): " \
+                f"{diagnosis['label']} ({probs})"
         return render_preview(
             self.volume.hu,
             self.lung_mask,

@@ -96,7 +96,7 @@ def render_preview(
         spacing_mm: (d, h, w) voxel size, for the aspect ratio.
         z_mm: [D] slice positions along the body axis.
         slice_ratio: [D] infected / lung area per slice (NaN where no lung), or None.
-        title: first title line (input name); summary: second line (severity figures).
+        title: first title line (input name); summary: the lines below it (severity figures; may hold newlines).
     """
     # Figure + Agg canvas directly: pyplot's import and global state cost ~0.2 s and are not needed for a file.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -115,7 +115,8 @@ def render_preview(
     aspect = spacing_mm[1] / spacing_mm[2]
     crop_shape = hu[0, rows, columns].shape
     panel_height = 4.0 * float(np.clip(aspect * crop_shape[0] / crop_shape[1], 0.5, 1.2)) + 0.3  # + title
-    fig = Figure(figsize=(4.0 * ncols, panel_height * nrows + 3.2), dpi=90)
+    head = 0.9 + 0.2 * summary.count("\n")  # inches above the panels: title, summary lines
+    fig = Figure(figsize=(4.0 * ncols, panel_height * nrows + 2.3 + head), dpi=90)
     FigureCanvasAgg(fig)
     # Fixed margins instead of tight_layout, which draws the whole figure once more to measure it.
     grid = fig.add_gridspec(
@@ -125,7 +126,7 @@ def render_preview(
         left=0.065,
         right=0.99,
         bottom=0.55 / fig.get_figheight(),
-        top=1.0 - 0.9 / fig.get_figheight(),
+        top=1.0 - head / fig.get_figheight(),
         hspace=0.25,
         wspace=0.04,
     )
