@@ -92,3 +92,38 @@ def test_wholly_peripheral_odds_ratio_is_finite():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="one shape"):
         lesion_distribution(_lungs(), np.zeros((2, 96, 96), np.uint8), SPACING)
+
+
+def test_medseg_check_finds_the_lungs_of_an_8bit_crop_and_scores_a_rim_lesion():
+    """training/analysis/medseg_pattern.py: lungs of a lung-window crop from the image, rim infection -> OR > 1."""
+    from training.analysis.medseg_pattern import lung_labels, odds_ratio
+
+    # Two lungs with a mediastinum between them wider than the mask's closing bridges.
+    lungs = (_ring(128, 32, 0, 22) * 1 + _ring(128, 96, 0, 22) * 2).astype(np.uint8)
+    image = np.where(lungs > 0, 40, 200).astype(np.uint8)  # dark lungs in bright tissue
+    infection = np.zeros(lungs.shape, bool)
+    infection[_ring(128, 32, 18, 22)] = True
+    image[infection] = 150  # dense infection is bright: the lung mask must still hold it
+    found = lung_labels(image, infection)
+    assert set(np.unique(found)) == {0, 1, 2}
+    assert ((found > 0) == (lungs > 0)).mean() > 0.97
+    outer = peripheral_masks(np.pad(found, 1), (1.0, 1.0))[1:-1, 1:-1]
+    sick = infection & (found > 0)
+    ratio = odds_ratio(int(sick.sum()), int((sick & outer).sum()), int((found > 0).sum()), int(outer.sum()))
+    assert ratio > 5
+    assert odds_ratio(10, 5, 100, 50) == pytest.approx(1.0)
+
+
+def test_pattern_check_slice_odds_ratios_match_the_volume_rule():
+    """training/analysis/pattern_check.py: per-slice odds ratios, NaN on slices without infection."""
+    from training.analysis.pattern_check import auc, slice_odds_ratios
+
+    lung = _lungs(depth=3)
+    infected = np.zeros(lung.shape, np.uint8)
+    infected[0][_ring(96, 26, 16, 20)] = 1  # rim
+    infected[1][_ring(96, 26, 0, 8)] = 1  # core
+    ratios = slice_odds_ratios(lung, infected, SPACING)
+    assert ratios[0] > 1 > ratios[1] and np.isnan(ratios[2])
+    one = lesion_distribution(lung[:1], infected[:1], SPACING)
+    assert ratios[0] == pytest.approx(one["peripheral_odds_ratio"])
+    assert auc([3.0, 2.0], [1.0, 0.5]) == 1.0 and auc([1.0], [1.0]) == 0.5
