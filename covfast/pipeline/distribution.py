@@ -69,7 +69,11 @@ def _odds(inside: int, total: int) -> float:
 
 
 def lesion_distribution(
-    lung: np.ndarray, infected: np.ndarray | None, spacing_mm, min_lesion_ml: float = 0.5
+    lung: np.ndarray,
+    infected: np.ndarray | None,
+    spacing_mm,
+    min_lesion_ml: float = 0.5,
+    infected_voxels_per_lung: tuple[int, int] | None = None,
 ) -> dict | None:
     """Peripheral predominance and laterality of the infection (module docstring).
 
@@ -78,6 +82,8 @@ def lesion_distribution(
         infected: [D, H, W] infection mask (non-zero = infected; any class), or None when there is none.
         spacing_mm: (dz, dy, dx) voxel spacing in mm.
         min_lesion_ml: least infected volume of a lung for it to count as involved (``bilateral``).
+        infected_voxels_per_lung: (right, left) infected voxels inside each lung when already counted (the pipeline
+            passes the reduction's); otherwise they are counted here on the full grid.
 
     Returns:
         None without an infection mask; otherwise ``{"peripheral_fraction", "lung_peripheral_fraction",
@@ -94,14 +100,15 @@ def lesion_distribution(
     step = GRID_STEP
     pixel_mm = (float(spacing_mm[1]) * step, float(spacing_mm[2]) * step)
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    sick_full = (np.asarray(infected) != 0) & (lung > 0)
-    counts = np.bincount(lung[sick_full].ravel(), minlength=3)
-    per_side = {name: int(counts[label]) for name, label in LUNG_LABELS.items()}
+    if infected_voxels_per_lung is None:
+        counts = np.bincount(lung[(np.asarray(infected) != 0) & (lung > 0)].ravel(), minlength=3)
+        infected_voxels_per_lung = (int(counts[LUNG_LABELS["right"]]), int(counts[LUNG_LABELS["left"]]))
+    per_side = dict(zip(LUNG_LABELS, map(int, infected_voxels_per_lung)))
     lung_all = lung_outer = inf_all = inf_outer = 0
     for z in np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)):
         lung_z = lung[z, ::step, ::step]
         outer = peripheral_masks(lung_z, pixel_mm)
-        sick = sick_full[z, ::step, ::step]
+        sick = (np.asarray(infected[z, ::step, ::step]) != 0) & (lung_z > 0)
         lung_all += int(np.count_nonzero(lung_z))
         lung_outer += int(outer.sum())
         if sick.any():

@@ -296,7 +296,8 @@ def analyze(
     with _timed(timings, "distribution"):
         from covfast.pipeline.distribution import lesion_distribution
 
-        summary["distribution"] = lesion_distribution(lung, classes, volume.spacing_mm, rules.min_lesion_ml)
+        per_lung = None if infected_voxels is None else tuple(np.asarray(infected_voxels).sum(axis=(0, 2)))
+        summary["distribution"] = lesion_distribution(lung, classes, volume.spacing_mm, rules.min_lesion_ml, per_lung)
     diagnosis = None
     if prob is not None and diagnose_volume:
         with _timed(timings, "diagnosis"):
