@@ -127,3 +127,13 @@ def test_pattern_check_slice_odds_ratios_match_the_volume_rule():
     one = lesion_distribution(lung[:1], infected[:1], SPACING)
     assert ratios[0] == pytest.approx(one["peripheral_odds_ratio"])
     assert auc([3.0, 2.0], [1.0, 0.5]) == 1.0 and auc([1.0], [1.0]) == 0.5
+
+
+def test_zenodo_slice_names_give_their_patient():
+    from training.analysis.medseg_pattern import patient_of
+
+    assert patient_of("Data-1_coronacases_org_004_12") == "coronacases_org_004"
+    # One Radiopaedia case, two series.
+    a = patient_of("Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_3")
+    assert a == patient_of("Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_3-dcm_100") == "covid-19-pneumonia-10"
+    assert patient_of("17") == "unknown"

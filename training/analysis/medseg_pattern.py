@@ -1,4 +1,4 @@
-"""Is radiologist-marked COVID-19 infection peripheral by covfast's measure? The 50 labelled COVID-SemiSeg slices.
+"""Is COVID-19 infection peripheral by covfast's measure? The COVID-SemiSeg slices and their masks.
 
 The diagnosis types an abnormal scan by the infection's peripheral odds ratio (:mod:`covfast.pipeline.distribution`),
 measured on covfast's own masks of two COVID-CT-MD patients. This script tests the premise on other COVID-19
@@ -14,12 +14,18 @@ third, on the full grid.
 
     python training/analysis/medseg_pattern.py --json runs/s13/medseg_pattern.json \
         --figure training/figures/medseg_pattern_s13.jpg
+
+With ``--data .../LungInfection-Train/Pseudo-label`` it reads the 1,600 unlabelled Zenodo slices of 20 series
+(18 COVID-19 patients) with their Semi-Inf-Net pseudo labels: a network's masks, like the pipeline's, not a
+radiologist's. These slices name their patient, so the ratio is also pooled per patient, as the pipeline pools a
+volume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +67,13 @@ def odds_ratio(n_sick: int, n_sick_outer: int, n_lung: int, n_outer: int) -> flo
     return ((n_sick_outer + 0.5) / (n_sick - n_sick_outer + 0.5)) / ((n_outer + 0.5) / (n_lung - n_outer + 0.5))
 
 
+def patient_of(stem: str) -> str:
+    """The patient of a Zenodo slice name: ``coronacases_org_001`` or ``covid-19-pneumonia-10`` (Radiopaedia cases
+    with two series, e.g. ``-10_85902_1`` and ``-10_85902_3``, are one patient); MedSeg names carry none."""
+    found = re.search(r"(coronacases_org_\d+|covid-19-pneumonia-\d+)", stem)
+    return found.group(1) if found else "unknown"
+
+
 def measure(data: Path) -> list[dict]:
     rows = []
     for path in sorted((data / "Imgs").glob("*.jpg"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem):
@@ -75,6 +88,7 @@ def measure(data: Path) -> list[dict]:
                   "sick_outer": int((sick & outer).sum())}
         rows.append({
             "slice": path.stem,
+            "patient": patient_of(path.stem),
             **counts,
             "infected_fraction": counts["sick"] / max(counts["lung"], 1),
             "odds_ratio": odds_ratio(counts["sick"], counts["sick_outer"], counts["lung"], counts["outer"])
@@ -101,7 +115,10 @@ def figure(rows: list[dict], path: Path, n: int = 12, tile: int = 160) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="a COVID-SemiSeg folder with Imgs/ and GT/ (default: the 50 doctor-labelled slices; "
+                        "the Pseudo-label folder gives the 1,600 Zenodo slices with Semi-Inf-Net's predictions, "
+                        "pooled per patient)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args(argv)
@@ -128,6 +145,23 @@ def main(argv: list[str] | None = None) -> int:
             "median_odds_ratio": float(np.median(part)) if part else None,
             "share_odds_ratio_at_least_1": float(np.mean(np.array(part) >= 1)) if part else None,
         }
+    patients = sorted({r["patient"] for r in rows} - {"unknown"})
+    if patients:
+        result["patients"] = {}
+        for patient in patients:
+            mine = [r for r in rows if r["patient"] == patient]
+            t = {key: sum(r[key] for r in mine) for key in ("lung", "outer", "sick", "sick_outer")}
+            result["patients"][patient] = {
+                "slices": len(mine),
+                "infected_fraction": t["sick"] / max(t["lung"], 1),
+                "odds_ratio": odds_ratio(t["sick"], t["sick_outer"], t["lung"], t["outer"]) if t["sick"] else None,
+            }
+        per_patient = [p["odds_ratio"] for p in result["patients"].values() if p["odds_ratio"] is not None]
+        result["patients_odds_ratio_at_least_1"] = f"{sum(r >= 1 for r in per_patient)} of {len(per_patient)}"
+        for patient, p in result["patients"].items():
+            print(f"  {patient}: {p['slices']} slices, infected {100 * p['infected_fraction']:.1f} % of the lung, "
+                  f"OR {p['odds_ratio']}")
+        print(f"patients with OR >= 1: {result['patients_odds_ratio_at_least_1']}")
     print(f"{len(scored)} slices: median odds ratio {result['median_odds_ratio']:.2f}, "
           f"{100 * result['share_odds_ratio_at_least_1']:.0f} % with OR >= 1; pooled: lesion peripheral fraction "
           f"{result['pooled']['lesion_peripheral_fraction']:.3f} against the lung's "
