@@ -139,7 +139,9 @@ def test_bad_input_among_several_is_skipped(tmp_path, capsys):
     assert code == 3
     captured = capsys.readouterr()
     assert "flat.nii" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["sample_ct"]
+    assert sorted(p.name for p in out.iterdir()) == ["sample_ct", "summary.csv"]
+    # The table has a row for the finished input only.
+    assert [line.split(",")[0] for line in (out / "summary.csv").read_text().splitlines()] == ["output", "sample_ct"]
 
 
 def test_infection_mask_on_wrong_grid(tmp_path, capsys):
