@@ -45,10 +45,11 @@ voxel (:func:`pattern_share`, :mod:`covfast.pipeline.distribution`), the same s 
 COVID-19 pneumonia is typically peripheral, other pneumonias less so (the RSNA consensus statement's "typical"
 pattern). Until session 13 s was the head's own p(covid) / (p(covid) + p(pneumonia)) per slice, and it is still used
 when no ``kind_share`` is given. On the three COVID-CT-MD patients the head's split separated the COVID-19 and the
-pneumonia patient's infected slices no better than chance (AUC 0.23-0.64 over three training seeds), and its volume
-calls changed with the training seed; the peripheral odds ratio, which has no parameter fitted to them, put P001 at
-1.53 and cap001 at 0.90 (``training/RESULTS.md``, "Session 13"). The head's probabilities stay in the report per
-slice (``head_probs``).
+pneumonia patient's infected slices no better than chance (AUC 0.19-0.64 over the training seeds of sessions 12 and
+13), and its volume calls changed with the training seed; the peripheral odds ratio, which has no parameter fitted to
+them, put P001 at 1.53 and cap001 at 0.90, and 14 of 18 other COVID-19 patients (Zenodo, Semi-Inf-Net's masks) at
+1 or above (``training/RESULTS.md``, "Session 13"). The head's probabilities stay in the report per slice
+(``head_probs``).
 
 Head-only rule (:data:`RULE`, :func:`aggregate`; how the head alone is scored in training): slice class
 probabilities are the head's per-class sigmoids normalised to sum 1; a lung slice is abnormal when its normal
