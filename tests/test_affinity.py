@@ -136,6 +136,15 @@ def test_cascade_kind_from_the_peripheral_odds_ratio():
     assert by_head["rule"] == HEAD_CASCADE_RULE and by_head["probs"]["covid"] == pytest.approx(by_head["probs"]["pneumonia"])
 
 
+def test_slice_label_decides_abnormal_first_then_the_kind():
+    from covfast.pipeline.diagnosis import slice_label
+
+    # covid, pneumonia, normal: a positive slice whose abnormal mass is split is not called normal.
+    assert slice_label([0.33, 0.22, 0.45]) == "covid"
+    assert slice_label([0.2, 0.3, 0.5]) == "pneumonia"  # p(normal) = 0.5 is A = A0: COVID-positive
+    assert slice_label([0.3, 0.1, 0.6]) == "normal"
+
+
 def test_aggregate_cascade_gates_on_infected_volume_then_types_the_positive_slices():
     area = np.zeros(40)
     area[:6] = 200.0
@@ -430,6 +439,9 @@ def test_diagnosis_cascade_check_scores_both_rules_on_held_out_predictions():
     assert result["volumes"]["P001"]["pattern_share"] == pytest.approx(1 / 3)
     assert result["volumes"]["normal001"]["pattern"]["label"] == "normal"  # the 10 mL gate still decides
     assert result["pattern"]["slices"]["confusion"] == [[0, 2, 1], [0, 0, 0], [1, 0, 3]]
+    # By the per-slice class (abnormal first, then the kind) the same slices score the same here: each positive slice
+    # holds A = 5 A0, so its pneumonia share 2/3 x 5/6 beats normal's 1/6 under argmax as well.
+    assert result["pattern"]["slices_class"]["confusion"] == [[0, 2, 1], [0, 0, 0], [1, 0, 3]]
     # blend: P001's share is the mean of the head's 0.8 / 0.9 and the pattern's 1/3, 0.61 -> covid.
     assert result["volumes"]["P001"]["blend"]["label"] == "covid" and result["blend"]["volumes_right"] == 2
     labels = {

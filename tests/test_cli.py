@@ -207,6 +207,9 @@ def test_infer_sample_with_shipped_models(sample, tmp_path, capsys):
     classed = [s for s in lung_slices if s["class_probs"]]
     assert classed and all((s["class_probs"]["normal"] <= 0.5) == s["covid_positive"] for s in classed)
     assert report["diagnosis"]["abnormal_slices"] == sum(s["covid_positive"] for s in classed)
+    # Each slice's class follows the cascade: normal exactly off the COVID-positive slices, else the scan's kind.
+    kind = "covid" if ratio >= 1 else "pneumonia"
+    assert all(s["class"] == (kind if s["covid_positive"] else "normal") for s in classed)
     infection = sample.from_source(np.asarray(nib.load(str(folder / "infection_mask.nii.gz")).dataobj))
     lung = sample.from_source(np.asarray(nib.load(str(folder / "lung_mask.nii.gz")).dataobj))
     assert set(np.unique(infection)) <= {0, 1, 2}

@@ -235,6 +235,16 @@ def _volume_call(slice_probs: np.ndarray, abnormal: np.ndarray, is_abnormal: boo
     }
 
 
+def slice_label(probs) -> str:
+    """A slice's class under the cascade's own order of decisions: normal unless p(normal) < 0.5 (exactly the
+    COVID-positive slices), else the larger of covid and pneumonia. The plain argmax of the three can say normal on a
+    positive slice whose abnormal mass is split between the two kinds."""
+    covid, pneumonia, normal = (float(probs[CLASSES.index(c)]) for c in ("covid", "pneumonia", "normal"))
+    if normal > 0.5:
+        return "normal"
+    return "covid" if covid >= pneumonia else "pneumonia"
+
+
 def pattern_share(distribution: dict | None) -> float | None:
     """The covid share s = OR / (1 + OR) of the infection's peripheral odds ratio
     (:func:`covfast.pipeline.distribution.lesion_distribution`); None when it has none."""
@@ -381,7 +391,7 @@ def diagnose(
             the report's ``distribution``); None: the head's own split per slice (:data:`HEAD_CASCADE_RULE`).
 
     Returns:
-        ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "head_probs", "lesions"}], "lesions":
+        ``{"slices": [{"index", "class_probs": {covid, pneumonia, normal}, "class", "head_probs", "lesions"}], "lesions":
         {"count", "volumes_ml"}, "diagnosis": {"label", "probs", "rule", "abnormal_slices"}, "models",
         "timings_s"}``; ``slices`` lists only slices with lung, ``class_probs`` are the cascade's
         (:func:`cascade_probs`), ``head_probs`` the affinity head's alone, ``lesions`` per slice counts the 2D
@@ -451,6 +461,7 @@ def diagnose(
                 {
                     "index": int(z),
                     "class_probs": dict(zip(CLASSES, map(float, p))),
+                    "class": slice_label(p),
                     "head_probs": dict(zip(CLASSES, map(float, q))),
                     "lesions": n,
                 }

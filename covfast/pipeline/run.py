@@ -364,6 +364,7 @@ def _diagnose(volume, lung, prob, views, device, batch_size, summary, models, no
     for entry in summary["slices"]:
         found = by_index.get(entry["index"])
         entry["class_probs"] = found["class_probs"] if found else None
+        entry["class"] = found["class"] if found else None
         entry["head_probs"] = found["head_probs"] if found else None
         entry["lesions"] = found["lesions"] if found else 0
     models.extend(result["models"][1:])

@@ -29,7 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from covfast.nn.affinity import CLASSES
-from covfast.pipeline.diagnosis import MIN_INFECTED_ML, aggregate, aggregate_cascade, cascade_probs, pattern_share
+from covfast.pipeline.diagnosis import (
+    MIN_INFECTED_ML,
+    aggregate,
+    aggregate_cascade,
+    cascade_probs,
+    pattern_share,
+    slice_label,
+)
 from covfast.pipeline.severity import DEFAULT_RULES
 from training.affinity import slice_metrics
 from training.ctmd import labels_at
@@ -90,7 +97,18 @@ def evaluate(lopo: dict, reports: dict[str, dict], area_mm2: float, min_infected
         out[name] = {
             "volumes_right": sum(v[name]["label"] == v["truth"] for v in out["volumes"].values()),
             "slices": slice_metrics(truth, np.concatenate(probs)),
+            # The same slices scored by the report's per-slice "class" (abnormal first, then the kind) instead of
+            # the argmax of the three probabilities.
+            "slices_class": slice_metrics(truth, _one_hot_class(np.concatenate(probs))),
         }
+    return out
+
+
+def _one_hot_class(probs: np.ndarray) -> np.ndarray:
+    """[N, 3] probabilities -> [N, 3] one-hot of :func:`covfast.pipeline.diagnosis.slice_label`."""
+    out = np.zeros_like(probs)
+    for i, row in enumerate(probs):
+        out[i, CLASSES.index(slice_label(row))] = 1.0
     return out
 
 
@@ -158,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:8s} volumes right {result[name]['volumes_right']} of {len(result['volumes'])} ({calls}); "
             f"slice macro-F1 {s['macro_f1']:.3f} (F1 {'/'.join(CLASSES)} {f1}); COVID sens / spec "
-            f"{s['covid_sensitivity']:.2f} / {s['covid_specificity']:.2f}; confusion {s['confusion']}"
+            f"{s['covid_sensitivity']:.2f} / {s['covid_specificity']:.2f}; confusion {s['confusion']}; by the "
+            f"per-slice class: macro-F1 {result[name]['slices_class']['macro_f1']:.3f}, COVID sens / spec "
+            f"{result[name]['slices_class']['covid_sensitivity']:.2f} / "
+            f"{result[name]['slices_class']['covid_specificity']:.2f}"
         )
     for case, flags in result["segmentation_flags"].items():
         print(f"covid_positive flags {case}: {flags}")
