@@ -59,7 +59,9 @@ def lung_crop(lung_mask: np.ndarray, margin: float = 0.08) -> tuple[slice, slice
     return window[0], window[1]
 
 
-def _overlay(ax, hu_slice, lung_slice, infection_slice):
+def _overlay(ax, hu_slice, lung_slice, infection_slice, pixel_mm=None):
+    """One panel: the slice in the lung window, infection filled, lung contours; with ``pixel_mm`` also each lung's
+    outer-third boundary (dotted), the periphery the report's ``distribution`` measures."""
     lo, hi = LUNG_WINDOW_HU
     ax.imshow(hu_slice, cmap="gray", vmin=lo, vmax=hi, interpolation="bilinear")
     if infection_slice is not None and infection_slice.any():
@@ -73,6 +75,12 @@ def _overlay(ax, hu_slice, lung_slice, infection_slice):
         sel = lung_slice == label
         if sel.any():
             ax.contour(sel, levels=[0.5], colors=[color], linewidths=0.8)
+    if pixel_mm is not None and lung_slice.any():
+        from covfast.pipeline.distribution import peripheral_masks
+
+        inner = (lung_slice > 0) & ~peripheral_masks(lung_slice, pixel_mm)
+        if inner.any():
+            ax.contour(inner, levels=[0.5], colors=["w"], linewidths=0.6, linestyles=":", alpha=0.7)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -133,7 +141,9 @@ def render_preview(
     for n, index in enumerate(picks):
         ax = fig.add_subplot(grid[n // ncols, n % ncols])
         inf_slice = infection_mask[index, rows, columns] if infection_mask is not None else None
-        _overlay(ax, hu[index, rows, columns], lung_mask[index, rows, columns], inf_slice)
+        # The outer third is drawn where infection was segmented: it is what the report's pattern measures.
+        pixel_mm = (float(spacing_mm[1]), float(spacing_mm[2])) if infection_mask is not None else None
+        _overlay(ax, hu[index, rows, columns], lung_mask[index, rows, columns], inf_slice, pixel_mm)
         ax.set_aspect(aspect)
         label = f"slice {index}  z={z_mm[index]:.0f} mm"
         if slice_ratio is not None and np.isfinite(slice_ratio[index]):
@@ -166,9 +176,12 @@ def render_preview(
         Patch(edgecolor=LEFT_COLOR, facecolor="none", label="left lung"),
     ]
     if infection_mask is not None:
+        from matplotlib.lines import Line2D
+
         handles += [
             Patch(color=CLASS_COLORS[1], label="GGO / infection"),
             Patch(color=CLASS_COLORS[2], label="consolidation"),
+            Line2D([], [], color="0.4", linestyle=":", label="outer third of the lung"),
         ]
     fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=len(handles), frameon=False)
     fig.suptitle(f"{title}\n{summary}", fontsize=10, x=0.01, ha="left")
