@@ -300,7 +300,8 @@ def test_summary_csv_rows_and_a_foreign_file_is_refused(tmp_path, capsys):
         "zone_ct_score": 7,
         "slices": [{"covid_positive": True}, {"covid_positive": False}, {"covid_positive": True}],
         "lesions": {"count": 4},
-        "distribution": {"peripheral_odds_ratio": 1.5, "pattern": "peripheral", "bilateral": False},
+        "distribution": {"peripheral_odds_ratio": 1.5, "peripheral_odds_ratio_interval": [0.75, 2.5],
+                         "pattern": "peripheral", "bilateral": False},
         "diagnosis": {"label": "covid", "probs": {"covid": 0.6, "pneumonia": 0.3, "normal": 0.1}},
         "timings_s": {"total": 8.5},
         "notes": ["a", "b"],
@@ -309,6 +310,7 @@ def test_summary_csv_rows_and_a_foreign_file_is_refused(tmp_path, capsys):
     assert tuple(r) == COLUMNS
     assert r["infected_ml"] == "100" and r["covid_positive_slices"] == "2" and r["bilateral"] == "no"
     assert r["p_covid"] == "0.6" and r["notes"] == "a | b" and r["ct_class"] == "CT1"
+    assert (r["peripheral_odds_ratio_low"], r["peripheral_odds_ratio_high"]) == ("0.75", "2.5")
     # No infection segmentation: empty cells, not "None".
     bare = row("p2", {"input": {"path": "x"}, "lung_volume_ml": {"total": 0.0}, "slices": [{"covid_positive": None}],
                       "distribution": None, "diagnosis": None})

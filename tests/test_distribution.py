@@ -137,3 +137,25 @@ def test_zenodo_slice_names_give_their_patient():
     a = patient_of("Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_1-dcm_3")
     assert a == patient_of("Data-1_radiopaedia_org_covid-19-pneumonia-10_85902_3-dcm_100") == "covid-19-pneumonia-10"
     assert patient_of("17") == "unknown"
+
+
+def test_odds_ratio_interval_over_lesions():
+    """The 95 % interval resamples 3D lesions: it brackets the ratio, is None below five lesions, and is reproducible."""
+    lung = _lungs(depth=12)
+    rows, cols = np.mgrid[:96, :96]
+    infected = np.zeros(lung.shape, np.uint8)
+    # Eight separate lesions: six small blobs at the rim of the right lung, two in the core of the left.
+    for k, angle in enumerate(np.linspace(0, 2 * np.pi, 6, endpoint=False)):
+        r0, c0 = 48 + 17 * np.sin(angle), 26 + 17 * np.cos(angle)
+        infected[2 * k : 2 * k + 2][:, (rows - r0) ** 2 + (cols - c0) ** 2 <= 4] = 1
+    infected[1:3][:, (rows - 48) ** 2 + (cols - 70) ** 2 <= 9] = 1
+    infected[8:10][:, (rows - 48) ** 2 + (cols - 70) ** 2 <= 9] = 1
+    out = lesion_distribution(lung, infected, SPACING)
+    low, high = out["peripheral_odds_ratio_interval"]
+    assert out["lesions_counted"] == 8
+    assert low <= out["peripheral_odds_ratio"] <= high and low < high
+    assert lesion_distribution(lung, infected, SPACING)["peripheral_odds_ratio_interval"] == [low, high]
+    single = np.zeros(lung.shape, np.uint8)
+    single[:, _ring(96, 26, 16, 20)] = 1
+    one = lesion_distribution(lung, single, SPACING)
+    assert one["lesions_counted"] == 1 and one["peripheral_odds_ratio_interval"] is None

@@ -16,7 +16,9 @@ says little; the report compares the two with an odds ratio:
     OR = [f / (1 - f)] / [b / (1 - b)]
 
 with f the infected voxels' peripheral fraction and b the lung voxels' (all lung slices); the odds add 0.5 to both
-voxel counts (Haldane), so a wholly peripheral infection has a finite ratio. OR > 1: the infection
+voxel counts (Haldane), so a wholly peripheral infection has a finite ratio. How firmly a scan sits on one side of 1
+depends on how many lesions carry it: ``peripheral_odds_ratio_interval`` is a 95 % bootstrap interval over the 3D
+lesions (resampled with replacement; the voxels of one lesion are not independent). OR > 1: the infection
 favours the periphery more than the lung's own shape does ("peripheral"); OR < 1: it favours the inner lung
 ("central"). OR = 1 is the no-preference point; no threshold is fitted.
 
@@ -32,11 +34,14 @@ import numpy as np
 
 OUTER_FRACTION = 1.0 / 3.0
 GRID_STEP = 2
+BOOTSTRAP_RESAMPLES = 2000
+MIN_BOOTSTRAP_LESIONS = 5
 LUNG_LABELS = {"right": 1, "left": 2}
 DISTRIBUTION_RULE = (
     "peripheral = the outer third of each lung per axial slice (in-plane distance to the lung border / the lung's "
     "largest on that slice <= 1/3); peripheral_odds_ratio = odds of an infected voxel being peripheral / odds of a "
-    "lung voxel being peripheral (all lung slices); pattern 'peripheral' when the odds ratio >= 1, else 'central'; "
+    "lung voxel being peripheral (all lung slices), with a 95 % bootstrap interval over the 3D lesions; pattern "
+    "'peripheral' when the odds ratio >= 1, else 'central'; "
     "bilateral when each lung holds at least min_lesion_ml of infection"
 )
 
@@ -87,8 +92,9 @@ def lesion_distribution(
 
     Returns:
         None without an infection mask; otherwise ``{"peripheral_fraction", "lung_peripheral_fraction",
-        "peripheral_odds_ratio", "pattern", "bilateral", "right_share", "rule"}``; the fractions, odds ratio, pattern
-        and share are None when no infected voxel lies inside the lung.
+        "peripheral_odds_ratio", "peripheral_odds_ratio_interval", "lesions_counted", "pattern", "bilateral",
+        "right_share", "rule"}``; the fractions, odds ratio, its interval, pattern and share are None when no
+        infected voxel lies inside the lung (the interval also below five lesions).
     """
     if infected is None:
         return None
@@ -104,20 +110,22 @@ def lesion_distribution(
         counts = np.bincount(lung[(np.asarray(infected) != 0) & (lung > 0)].ravel(), minlength=3)
         infected_voxels_per_lung = (int(counts[LUNG_LABELS["right"]]), int(counts[LUNG_LABELS["left"]]))
     per_side = dict(zip(LUNG_LABELS, map(int, infected_voxels_per_lung)))
-    lung_all = lung_outer = inf_all = inf_outer = 0
+    lung_all = lung_outer = 0
+    sick_grid = (np.asarray(infected[:, ::step, ::step]) != 0) & (lung[:, ::step, ::step] > 0)
+    outer_grid = np.zeros(sick_grid.shape, dtype=bool)
     for z in np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)):
         lung_z = lung[z, ::step, ::step]
-        outer = peripheral_masks(lung_z, pixel_mm)
-        sick = (np.asarray(infected[z, ::step, ::step]) != 0) & (lung_z > 0)
+        outer_grid[z] = peripheral_masks(lung_z, pixel_mm)
         lung_all += int(np.count_nonzero(lung_z))
-        lung_outer += int(outer.sum())
-        if sick.any():
-            inf_all += int(sick.sum())
-            inf_outer += int((sick & outer).sum())
+        lung_outer += int(outer_grid[z].sum())
+    inf_all = int(sick_grid.sum())
+    inf_outer = int((sick_grid & outer_grid).sum())
     out = {
         "peripheral_fraction": None,
         "lung_peripheral_fraction": lung_outer / lung_all if lung_all else None,
         "peripheral_odds_ratio": None,
+        "peripheral_odds_ratio_interval": None,
+        "lesions_counted": None,
         "pattern": None,
         "bilateral": all(v * voxel_ml >= min_lesion_ml for v in per_side.values()),
         "right_share": None,
@@ -131,7 +139,33 @@ def lesion_distribution(
             pattern="peripheral" if ratio >= 1.0 else "central",
             right_share=per_side["right"] / max(sum(per_side.values()), 1),
         )
+        interval, lesions = _lesion_bootstrap(sick_grid, outer_grid, lung_outer, lung_all)
+        out.update(peripheral_odds_ratio_interval=interval, lesions_counted=lesions)
     return out
+
+
+def _lesion_bootstrap(sick: np.ndarray, outer: np.ndarray, lung_outer: int, lung_all: int) -> tuple[list | None, int]:
+    """95 % interval of the peripheral odds ratio over lesions: the 3D lesions (26-connected components of the
+    infected grid) are resampled with replacement :data:`BOOTSTRAP_RESAMPLES` times (fixed seed) and the ratio
+    recomputed from their voxel counts; the lung side is held fixed. Voxels of one lesion are not independent, so the
+    lesion, not the voxel, is the unit. None below :data:`MIN_BOOTSTRAP_LESIONS` lesions."""
+    import cc3d
+
+    labels = cc3d.connected_components(np.ascontiguousarray(sick), connectivity=26)
+    # Count on the infected voxels only (a few percent of the grid).
+    mine = labels[sick]
+    sizes = np.bincount(mine)[1:].astype(np.float64)
+    peripheral = np.bincount(mine, weights=outer[sick].astype(np.float64), minlength=sizes.size + 1)[1:]
+    keep = sizes > 0
+    sizes, peripheral = sizes[keep], peripheral[keep]
+    if sizes.size < MIN_BOOTSTRAP_LESIONS:
+        return None, int(sizes.size)
+    rng = np.random.default_rng(0)
+    draws = rng.multinomial(sizes.size, np.full(sizes.size, 1.0 / sizes.size), size=BOOTSTRAP_RESAMPLES)
+    total, inside = draws @ sizes, draws @ peripheral
+    ratios = ((inside + 0.5) / (total - inside + 0.5)) / _odds(lung_outer, lung_all)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return [float(low), float(high)], int(sizes.size)
 
 
 def pattern_phrase(report: dict) -> str:

@@ -116,8 +116,12 @@ class Result:
 
         pattern = pattern_phrase(report)
         if pattern:
-            ratio = report["distribution"]["peripheral_odds_ratio"]
-            summary += f", {pattern} (peripheral odds ratio {ratio:.2f})"
+            dist = report["distribution"]
+            summary += f", {pattern} (peripheral odds ratio {dist['peripheral_odds_ratio']:.2f}"
+            if dist.get("peripheral_odds_ratio_interval"):
+                low, high = dist["peripheral_odds_ratio_interval"]
+                summary += f", 95 % {low:.2f}-{high:.2f} over {dist['lesions_counted']} lesions"
+            summary += ")"
         diagnosis = report.get("diagnosis")
         if diagnosis and diagnosis["probs"]:
             probs = ", ".join(f"{name} {p:.2f}" for name, p in diagnosis["probs"].items())
