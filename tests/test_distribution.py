@@ -96,7 +96,8 @@ def test_shape_mismatch_is_refused():
 
 def test_medseg_check_finds_the_lungs_of_an_8bit_crop_and_scores_a_rim_lesion():
     """training/analysis/medseg_pattern.py: lungs of a lung-window crop from the image, rim infection -> OR > 1."""
-    from training.analysis.medseg_pattern import lung_labels, odds_ratio
+    from covfast.pipeline.distribution import odds_ratio
+    from training.analysis.medseg_pattern import lung_labels
 
     # Two lungs with a mediastinum between them wider than the mask's closing bridges.
     lungs = (_ring(128, 32, 0, 22) * 1 + _ring(128, 96, 0, 22) * 2).astype(np.uint8)

@@ -488,3 +488,22 @@ def test_ctmd_crops_cache_the_crops_but_read_labels_fresh(tmp_path):
     for key in ("images", "z", "labels"):
         np.testing.assert_array_equal(again[key], first[key])
     assert first["images"].shape[1:] == (1, 32, 32) and 0 < first["labels"].sum() < len(first["z"])
+
+
+@pytest.mark.skipif(not (CTMD_LABELS.parents[1] / "ccccii-cp").is_dir(), reason="../shared/data/ccccii-cp is not present")
+def test_ccccii_scans_map_back_to_hounsfield_units(tmp_path):
+    """training.affinity.ccccii_hu (the affinity cache and ccccii_volumes.py): the 8-bit window inverted to HU."""
+    from training.affinity import CCCCII_WINDOW_HU, ccccii_hu
+    from training.analysis.ccccii_volumes import main
+
+    data = CTMD_LABELS.parents[1]
+    hu = ccccii_hu(data, "3132")
+    assert hu.shape == (42, 512, 512) and hu.dtype == np.int16
+    assert CCCCII_WINDOW_HU[0] <= hu.min() < -900 and -100 < hu.max() <= CCCCII_WINDOW_HU[1]  # air and soft tissue
+    with pytest.raises(FileNotFoundError, match="9999"):
+        ccccii_hu(data, "9999")
+    assert main(["--data", str(data), "--out", str(tmp_path)]) == 0
+    import nibabel as nib
+
+    written = np.asarray(nib.load(str(tmp_path / "cp_3132.nii.gz")).dataobj)
+    np.testing.assert_array_equal(np.transpose(written, (2, 1, 0)), hu)

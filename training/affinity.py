@@ -222,11 +222,8 @@ def cache(
                 "slice": [int(z) for z, _, _ in work],
             },
         )
-    lo, hi = CCCCII_WINDOW_HU
     for scan in CCCCII_SCANS:
-        files = sorted(glob.glob(str(data / "ccccii-cp/CP/0" / scan / "*.png")))
-        grey = np.stack([np.asarray(Image.open(f).convert("L")) for f in files]).astype(np.float32)
-        hu = np.round(lo + grey * (hi - lo) / 255.0).astype(np.int16)
+        hu = ccccii_hu(data, scan)
         work = _volume_views(hu, lung_mask(hu, CCCCII_SPACING_MM))
         store(
             f"ccccii_{scan}",
@@ -239,6 +236,19 @@ def cache(
                 "slice": [int(z) for z, _, _ in work],
             },
         )
+
+
+def ccccii_hu(data: Path, scan: str) -> np.ndarray:
+    """[D, H, W] int16 approximate HU of one CC-CCII scan: its 8-bit PNG slices (in file order) with the
+    :data:`CCCCII_WINDOW_HU` window inverted."""
+    from PIL import Image
+
+    lo, hi = CCCCII_WINDOW_HU
+    files = sorted(glob.glob(str(Path(data) / "ccccii-cp/CP/0" / scan / "*.png")))
+    if not files:
+        raise FileNotFoundError(f"no PNG slices of CC-CCII scan {scan} under {data}")
+    grey = np.stack([np.asarray(Image.open(f).convert("L")) for f in files]).astype(np.float32)
+    return np.round(lo + grey * (hi - lo) / 255.0).astype(np.int16)
 
 
 def _sources(out: Path):

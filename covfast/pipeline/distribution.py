@@ -68,9 +68,28 @@ def peripheral_masks(lung_slice: np.ndarray, pixel_mm: tuple[float, float]) -> n
     return out
 
 
-def _odds(inside: int, total: int) -> float:
-    """Odds of being peripheral, with Haldane's 0.5 added to both counts so that all-peripheral stays finite."""
-    return (inside + 0.5) / (total - inside + 0.5)
+def odds_ratio(sick, sick_outer, lung, lung_outer):
+    """Peripheral odds ratio from voxel counts (numbers or arrays): the odds of an infected voxel being peripheral
+    over the odds of a lung voxel being peripheral, with Haldane's 0.5 added to every count so that an all-peripheral
+    infection stays finite."""
+    return ((sick_outer + 0.5) / (sick - sick_outer + 0.5)) / ((lung_outer + 0.5) / (lung - lung_outer + 0.5))
+
+
+def peripheral_grid(lung: np.ndarray, infected: np.ndarray, spacing_mm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masks the fractions are counted on, every :data:`GRID_STEP`-th row and column of each slice (a quarter of
+    the distance transforms' work at step 2; the outer third of a lung is tens of pixels deep).
+
+    Returns:
+        (lung, sick, outer): [D, H', W'] lung labels, infected lung voxels, and the lungs' outer thirds.
+    """
+    step = GRID_STEP
+    pixel_mm = (float(spacing_mm[1]) * step, float(spacing_mm[2]) * step)
+    lung_grid = np.asarray(lung)[:, ::step, ::step]
+    sick = (np.asarray(infected)[:, ::step, ::step] != 0) & (lung_grid > 0)
+    outer = np.zeros(sick.shape, dtype=bool)
+    for z in np.flatnonzero(lung_grid.reshape(lung_grid.shape[0], -1).any(axis=1)):
+        outer[z] = peripheral_masks(lung_grid[z], pixel_mm)
+    return lung_grid, sick, outer
 
 
 def lesion_distribution(
@@ -101,25 +120,15 @@ def lesion_distribution(
     lung = np.asarray(lung)
     if lung.shape != np.shape(infected) or lung.ndim != 3:
         raise ValueError(f"lung and infected must be [D, H, W] of one shape, got {lung.shape} and {np.shape(infected)}")
-    # The fractions are measured on every second row and column (a quarter of the distance transforms' work; the
-    # outer third of a lung is tens of pixels deep), the per-lung volumes on the full grid.
-    step = GRID_STEP
-    pixel_mm = (float(spacing_mm[1]) * step, float(spacing_mm[2]) * step)
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     if infected_voxels_per_lung is None:
         counts = np.bincount(lung[(np.asarray(infected) != 0) & (lung > 0)].ravel(), minlength=3)
         infected_voxels_per_lung = (int(counts[LUNG_LABELS["right"]]), int(counts[LUNG_LABELS["left"]]))
     per_side = dict(zip(LUNG_LABELS, map(int, infected_voxels_per_lung)))
-    lung_all = lung_outer = 0
-    sick_grid = (np.asarray(infected[:, ::step, ::step]) != 0) & (lung[:, ::step, ::step] > 0)
-    outer_grid = np.zeros(sick_grid.shape, dtype=bool)
-    for z in np.flatnonzero(lung.reshape(lung.shape[0], -1).any(axis=1)):
-        lung_z = lung[z, ::step, ::step]
-        outer_grid[z] = peripheral_masks(lung_z, pixel_mm)
-        lung_all += int(np.count_nonzero(lung_z))
-        lung_outer += int(outer_grid[z].sum())
-    inf_all = int(sick_grid.sum())
-    inf_outer = int((sick_grid & outer_grid).sum())
+    # The fractions on the coarser grid, the per-lung volumes (above) on the full one.
+    lung_grid, sick_grid, outer_grid = peripheral_grid(lung, infected, spacing_mm)
+    lung_all, lung_outer = int(np.count_nonzero(lung_grid)), int(outer_grid.sum())
+    inf_all, inf_outer = int(sick_grid.sum()), int((sick_grid & outer_grid).sum())
     out = {
         "peripheral_fraction": None,
         "lung_peripheral_fraction": lung_outer / lung_all if lung_all else None,
@@ -132,7 +141,7 @@ def lesion_distribution(
         "rule": DISTRIBUTION_RULE,
     }
     if inf_all and lung_all:
-        ratio = _odds(inf_outer, inf_all) / _odds(lung_outer, lung_all)
+        ratio = float(odds_ratio(inf_all, inf_outer, lung_all, lung_outer))
         out.update(
             peripheral_fraction=inf_outer / inf_all,
             peripheral_odds_ratio=ratio,
@@ -154,16 +163,13 @@ def _lesion_bootstrap(sick: np.ndarray, outer: np.ndarray, lung_outer: int, lung
     labels = cc3d.connected_components(np.ascontiguousarray(sick), connectivity=26)
     # Count on the infected voxels only (a few percent of the grid).
     mine = labels[sick]
-    sizes = np.bincount(mine)[1:].astype(np.float64)
-    peripheral = np.bincount(mine, weights=outer[sick].astype(np.float64), minlength=sizes.size + 1)[1:]
-    keep = sizes > 0
-    sizes, peripheral = sizes[keep], peripheral[keep]
+    sizes = np.bincount(mine)[1:].astype(np.float64)  # labels run 1..N without gaps: every size > 0
+    peripheral = np.bincount(mine, weights=outer[sick].astype(np.float64))[1:]
     if sizes.size < MIN_BOOTSTRAP_LESIONS:
         return None, int(sizes.size)
     rng = np.random.default_rng(0)
     draws = rng.multinomial(sizes.size, np.full(sizes.size, 1.0 / sizes.size), size=BOOTSTRAP_RESAMPLES)
-    total, inside = draws @ sizes, draws @ peripheral
-    ratios = ((inside + 0.5) / (total - inside + 0.5)) / _odds(lung_outer, lung_all)
+    ratios = odds_ratio(draws @ sizes, draws @ peripheral, lung_all, lung_outer)
     low, high = np.percentile(ratios, [2.5, 97.5])
     return [float(low), float(high)], int(sizes.size)
 

@@ -66,6 +66,7 @@ def _cell(value) -> str:
 def row(name: str, report: dict) -> dict[str, str]:
     """The summary row of one report (``name``: its output folder's name)."""
     slices = report.get("slices") or []
+    low, high = _get(report, "distribution", "peripheral_odds_ratio_interval") or (None, None)
     values = {
         "output": name,
         "input": _get(report, "input", "path"),
@@ -83,8 +84,8 @@ def row(name: str, report: dict) -> dict[str, str]:
         ),
         "lesions": _get(report, "lesions", "count"),
         "peripheral_odds_ratio": _get(report, "distribution", "peripheral_odds_ratio"),
-        "peripheral_odds_ratio_low": (_get(report, "distribution", "peripheral_odds_ratio_interval") or [None])[0],
-        "peripheral_odds_ratio_high": (_get(report, "distribution", "peripheral_odds_ratio_interval") or [None, None])[1],
+        "peripheral_odds_ratio_low": low,
+        "peripheral_odds_ratio_high": high,
         "pattern": _get(report, "distribution", "pattern"),
         "bilateral": _get(report, "distribution", "bilateral") if report.get("distribution") else None,
         "diagnosis": _get(report, "diagnosis", "label"),

@@ -13,7 +13,7 @@ border counts as lung border. The periphery is then :func:`covfast.pipeline.dist
 third, on the full grid.
 
     python training/analysis/medseg_pattern.py --json runs/s13/medseg_pattern.json \
-        --figure training/figures/medseg_pattern_s13.jpg
+        --figure runs/s13/medseg_pattern.jpg
 
 With ``--data .../LungInfection-Train/Pseudo-label`` it reads the 1,600 unlabelled Zenodo slices of 20 series
 (18 COVID-19 patients) with their Semi-Inf-Net pseudo labels: a network's masks, like the pipeline's, not a
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from covfast.pipeline.distribution import peripheral_masks
+from covfast.pipeline.distribution import odds_ratio, peripheral_masks
 
 DEFAULT_DATA = Path("../shared/data/infnet-semiseg/TrainingSet/LungInfection-Train/Doctor-label")
 
@@ -60,11 +60,6 @@ def lung_labels(image: np.ndarray, infection: np.ndarray) -> np.ndarray:
     for rank, index in enumerate(np.argsort(sizes)[::-1][:2]):
         out[labels == index + 1] = rank + 1
     return out
-
-
-def odds_ratio(n_sick: int, n_sick_outer: int, n_lung: int, n_outer: int) -> float:
-    """Peripheral odds ratio with Haldane's 0.5, as the pipeline computes it."""
-    return ((n_sick_outer + 0.5) / (n_sick - n_sick_outer + 0.5)) / ((n_outer + 0.5) / (n_lung - n_outer + 0.5))
 
 
 def patient_of(stem: str) -> str:

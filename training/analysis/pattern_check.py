@@ -25,7 +25,7 @@ import numpy as np
 from covfast.io import load_volume
 from covfast.io.nifti import load_mask_like
 from covfast.pipeline import distribution
-from covfast.pipeline.distribution import GRID_STEP, lesion_distribution, peripheral_masks
+from covfast.pipeline.distribution import lesion_distribution, odds_ratio, peripheral_grid
 from covfast.pipeline.severity import DEFAULT_RULES
 from training.ctmd import labels_at
 
@@ -37,19 +37,13 @@ def auc(high: np.ndarray, low: np.ndarray) -> float:
 
 
 def slice_odds_ratios(lung: np.ndarray, infected: np.ndarray, spacing_mm) -> np.ndarray:
-    """[D] peripheral odds ratio of each slice's infection (NaN where the slice has no infected lung voxel)."""
-    pixel_mm = (float(spacing_mm[1]) * GRID_STEP, float(spacing_mm[2]) * GRID_STEP)
-    out = np.full(lung.shape[0], np.nan)
-    for z in range(lung.shape[0]):
-        lung_z = lung[z, ::GRID_STEP, ::GRID_STEP]
-        sick = (infected[z, ::GRID_STEP, ::GRID_STEP] != 0) & (lung_z > 0)
-        if not sick.any():
-            continue
-        outer = peripheral_masks(lung_z, pixel_mm)
-        n_lung, n_outer = int((lung_z > 0).sum()), int(outer.sum())
-        n_sick, n_sick_outer = int(sick.sum()), int((sick & outer).sum())
-        out[z] = ((n_sick_outer + 0.5) / (n_sick - n_sick_outer + 0.5)) / ((n_outer + 0.5) / (n_lung - n_outer + 0.5))
-    return out
+    """[D] peripheral odds ratio of each slice's infection against that slice's lung (NaN where the slice has no
+    infected lung voxel), on the pipeline's grid."""
+    lung_grid, sick, outer = peripheral_grid(lung, infected, spacing_mm)
+    n_lung, n_outer = (lung_grid > 0).sum(axis=(1, 2)), outer.sum(axis=(1, 2))
+    n_sick, n_sick_outer = sick.sum(axis=(1, 2)), (sick & outer).sum(axis=(1, 2))
+    ratios = odds_ratio(n_sick, n_sick_outer, n_lung, n_outer).astype(np.float64)
+    return np.where(n_sick > 0, ratios, np.nan)
 
 
 def check(folder: Path, labels: dict, area_mm2: float) -> dict:
