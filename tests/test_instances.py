@@ -113,3 +113,21 @@ def test_evaluate_instances_on_real_slices(tmp_path):
     perfect = evaluate_instances(images, own)
     assert perfect["map"] == pytest.approx(1.0)
     assert all(e["n_pred"] == e["n_truth"] and e["n_pred"] >= 1 for e in perfect["per_image"])
+
+
+def test_instance_oracle_bounds():
+    """training/analysis/instance_rules.py --oracle: a mask that merges two ground-truth patches is cut back into
+    them by the nearest-component split, and a closing merges patches closer than its diameter."""
+    from training.analysis.instance_rules import closed_truth, oracle_partition
+
+    truth = np.zeros((40, 40), bool)
+    truth[5:15, 5:15] = True
+    truth[5:15, 18:28] = True  # a 3-pixel gap
+    gt = truth_instances(truth)
+    merged = np.zeros((40, 40), np.float32)
+    merged[5:15, 5:28] = 0.9
+    assert len(extract_instances(merged)) == 1 and slice_ap(extract_instances(merged), gt).max() == 0
+    parts = oracle_partition(merged, gt)
+    assert len(parts) == 2 and slice_ap(parts, gt)[0] == pytest.approx(1.0)
+    assert len(closed_truth(gt, truth.shape, 1)) == 2
+    assert len(closed_truth(gt, truth.shape, 3)) == 1

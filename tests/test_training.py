@@ -12,7 +12,7 @@ from training.augment import AugmentConfig, augment
 from training.check_volumes import slice_flag_scores
 from training.data import SliceSet, cv_folds
 from training.loops import OptimConfig, predict, train_inpainting, train_segmentation
-from training.losses import edge_target, multiclass_loss, structure_loss
+from training.losses import box_mean, edge_target, multiclass_loss, structure_loss
 from training.negatives import clean_slices
 from training.recipes import _with_negatives, init_from, load_recipe
 
@@ -167,6 +167,72 @@ def test_train_segmentation_overfits_and_resumes(tmp_path):
     assert again.losses == []
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key])
+
+
+@pytest.mark.parametrize("size", [3, 31])
+def test_box_mean_is_avg_pool_with_counted_zero_padding(size):
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 45, 38)
+    expected = torch.nn.functional.avg_pool2d(x, size, stride=1, padding=size // 2)
+    torch.testing.assert_close(box_mean(x, size), expected, atol=1e-6, rtol=0)
+
+
+def test_cpu_bf16_training_learns_and_returns_a_float32_contiguous_model(tmp_path):
+    """optim.cpu_bf16: the forward runs in bfloat16 on the CPU, the weights stay float32, and the trained model
+    comes back in the default memory format, so it saves and exports like an fp32-trained one."""
+    from training.loops import _autocast
+
+    opt = OptimConfig(steps=30, batch=2, lr=1e-2, warmup=2, ckpt_every=100, cpu_bf16=True)
+    with _autocast(torch.device("cpu"), opt):
+        assert torch.nn.Conv2d(1, 1, 3)(torch.rand(1, 1, 8, 8)).dtype == torch.bfloat16
+    with _autocast(torch.device("cpu"), OptimConfig()):
+        assert torch.nn.Conv2d(1, 1, 3)(torch.rand(1, 1, 8, 8)).dtype == torch.float32
+    torch.manual_seed(0)
+    images = (_square().repeat(2, 1, 1, 1) * 200 + 20).to(torch.uint8)
+    targets = _square().repeat(2, 1, 1, 1).to(torch.uint8)
+    model = build_model("infnet", **TINY_INFNET)
+    log = train_segmentation(model, images, targets, "infection", opt, None, torch.device("cpu"), 0, log_every=5)
+    losses = [v for v in log.losses if not np.isnan(v)]
+    assert losses[-1] < 0.9 * losses[0]
+    for value in model.state_dict().values():
+        assert value.dtype in (torch.float32, torch.int64) and value.is_contiguous()
+    prob = predict(model, images, "infection")
+    assert prob.dtype == torch.float32 and prob[0, 0, 14, 16] > prob[0, 0, 28, 2]
+    save_model(model, tmp_path / "m.safetensors", "infnet", TINY_INFNET)
+
+
+def test_ema_returns_the_average_and_keeps_the_last_weights(tmp_path):
+    torch.manual_seed(0)
+    images = (_square().repeat(2, 1, 1, 1) * 200 + 20).to(torch.uint8)
+    targets = _square().repeat(2, 1, 1, 1).to(torch.uint8)
+    model = build_model("unet", in_ch=1, out_ch=1, base=4)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = OptimConfig(steps=20, batch=2, lr=1e-2, warmup=2, ckpt_every=10, ema=0.9)
+    log = train_segmentation(
+        model, images, targets, "infection", opt, None, torch.device("cpu"), 0, ckpt_path=tmp_path / "c.pt"
+    )
+    averaged = model.state_dict()
+    key = next(k for k, v in averaged.items() if v.is_floating_point() and v.dim() == 4)
+    raw, first = log.raw_state[key], start[key]
+    # The average lies between the start and the last weights, nearer the last (decay 0.9 over 20 steps).
+    assert not torch.equal(averaged[key], raw)
+    assert (averaged[key] - raw).norm() < (first - raw).norm()
+    # Resuming the finished run restores the average from the checkpoint.
+    again = build_model("unet", in_ch=1, out_ch=1, base=4)
+    log2 = train_segmentation(
+        again, images, targets, "infection", opt, None, torch.device("cpu"), 0, ckpt_path=tmp_path / "c.pt"
+    )
+    torch.testing.assert_close(again.state_dict()[key], averaged[key])
+    torch.testing.assert_close(log2.raw_state[key], raw)
+
+
+def test_cli_cpu_bf16_is_recorded_in_the_recipe(tmp_path, monkeypatch):
+    from training import recipes
+
+    seen = {}
+    monkeypatch.setattr(recipes, "run_segment", lambda recipe, *a: seen.setdefault("recipe", recipe))
+    recipes.run_recipe(RECIPES[0].parent / "unet_long_aug.json", tmp_path, tmp_path, "cpu", 0, [], False, True)
+    assert seen["recipe"]["optim"]["cpu_bf16"] is True and seen["recipe"]["optim"]["steps"] == 1000
 
 
 def test_train_inpainting_with_coach_updates_both():

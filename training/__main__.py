@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--folds", default="0,1,2,3,4", help="comma-separated CV folds to run; empty for none")
     run.add_argument("--final", action="store_true", help="also fit on all labelled slices")
+    run.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="on a CPU, train under bfloat16 autocast with channels-last tensors (2-3x faster with AMX); "
+        "recorded in the run's recipe as optim.cpu_bf16",
+    )
     ship = sub.add_parser("ship", help="install a run's final model into covfast/weights with its model card")
     ship.add_argument("run_dir", help="run folder holding final.safetensors, final.json and cv.json")
     ship.add_argument("--name", required=True, help="installed name: infnet, infection_unet (the partner) or infnet_multiclass")
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     folds = [int(f) for f in args.folds.split(",") if f.strip()]
     for recipe in args.recipe:
-        run_recipe(recipe, args.data, args.runs, args.device, args.seed, folds, args.final)
+        run_recipe(recipe, args.data, args.runs, args.device, args.seed, folds, args.final, args.cpu_bf16)
     return 0
 
 

@@ -8,7 +8,33 @@ import torch.nn.functional as F
 from covfast.nn import InfNetOutput
 
 
-def structure_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def box_mean(x: torch.Tensor, size: int = 31) -> torch.Tensor:
+    """``F.avg_pool2d(x, size, stride=1, padding=size // 2)`` (zero padding counted) by running sums.
+
+    Two 1D cumulative sums in float64 cost O(1) per pixel whatever the window; CPU ``avg_pool2d`` costs O(size^2)
+    per pixel, which made the 31 x 31 boundary weights most of a CPU training step.
+
+    Args:
+        x: [B, C, H, W] float; ``size`` odd.
+    """
+    half = size // 2
+    y = F.pad(x.double(), (half + 1, half, half + 1, half))  # one extra leading zero: window sums by differences
+    y = y.cumsum(dim=-1)
+    y = y[..., size:] - y[..., :-size]
+    y = y.cumsum(dim=-2)
+    y = y[..., size:, :] - y[..., :-size, :]
+    return (y / (size * size)).to(x.dtype)
+
+
+def boundary_weight(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Pixel weights of :func:`structure_loss`: 1 + 5 |boxmean_31(G) - G|, 0 where not valid."""
+    target = target.float()
+    return (1 + 5 * torch.abs(box_mean(target, 31) - target)) * valid
+
+
+def structure_loss(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_seg = weighted IoU + lambda * weighted BCE with lambda = 1 (Inf-Net, after PraNet / F3Net).
 
     Pixels near the target's boundary weigh up to 6x (1 + 5 |avgpool_31(G) - G|), so hard edges count more.
@@ -17,12 +43,15 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tens
         logits: [B, 1, H, W] float logits.
         target: [B, 1, H, W] float target in [0, 1] (soft pseudo labels allowed).
         valid: [B, 1, H, W] float, 0 where the loss is ignored.
+        weight: :func:`boundary_weight` of ``target`` and ``valid`` when already computed (deep supervision
+            scores several maps against one target).
 
     Returns:
         scalar float32, mean over the batch.
     """
     logits, target = logits.float(), target.float()
-    weight = (1 + 5 * torch.abs(F.avg_pool2d(target, 31, stride=1, padding=15) - target)) * valid
+    if weight is None:
+        weight = boundary_weight(target, valid)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     wbce = (weight * bce).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp_min(1e-6)
     prob = torch.sigmoid(logits)
@@ -43,9 +72,10 @@ def edge_target(target: torch.Tensor, width: int = 2) -> torch.Tensor:
 
 def infnet_loss(out: InfNetOutput, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """L_total = L_seg(G, S_g) + L_edge + sum_i L_seg(G, S_i), L_edge = BCE against the mask's boundary band."""
-    loss = structure_loss(out.global_map, target, valid)
+    weight = boundary_weight(target, valid)
+    loss = structure_loss(out.global_map, target, valid, weight)
     for side in out.side:
-        loss = loss + structure_loss(side, target, valid)
+        loss = loss + structure_loss(side, target, valid, weight)
     edge = F.binary_cross_entropy_with_logits(out.edge.float(), edge_target(target), weight=valid)
     return loss + edge
 

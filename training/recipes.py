@@ -170,6 +170,16 @@ def _save(model, out: Path, recipe: dict, meta: dict) -> str:
     return sha
 
 
+def _save_raw(log, recipe: dict, path: Path) -> None:
+    """With ``optim.ema``, the saved model is the weight average; the last weights go to ``path`` beside it."""
+    if log.raw_state is None:
+        return
+    spec = recipe["model"]
+    raw = build_model(spec["arch"], **spec.get("config", {}))
+    raw.load_state_dict(log.raw_state)
+    save_model(raw, path, spec["arch"], spec.get("config", {}))
+
+
 def run_pretrain(recipe: dict, data: Path, runs: Path, device: torch.device, seed: int) -> dict:
     """Self-supervised inpainting pretraining on the unlabelled slices; writes final.safetensors."""
     out_dir = runs / recipe["name"]
@@ -289,6 +299,7 @@ def run_segment(
         sha = save_model(
             model, out_dir / f"fold{k}.safetensors", recipe["model"]["arch"], recipe["model"].get("config", {})
         )
+        _save_raw(log, recipe, out_dir / f"fold{k}_raw.safetensors")
         (out_dir / f"fold{k}.json").write_text(json.dumps({**fold, "sha256": sha}, indent=2))
         print(f"{recipe['name']} fold {k}: {log.seconds:.0f}s", flush=True)
     pooled = fold_summary(out_dir, task)
@@ -303,6 +314,7 @@ def run_segment(
         )
         summary.update(model=note, final_seconds=log.seconds)
         _save(model, out_dir / "final.safetensors", recipe, summary)
+        _save_raw(log, recipe, out_dir / "final_raw.safetensors")
     return summary
 
 
@@ -314,9 +326,16 @@ def run_recipe(
     seed: int = 0,
     folds: list[int] | None = None,
     final: bool = False,
+    cpu_bf16: bool = False,
 ) -> dict:
-    """Run one recipe file; returns the summary it also writes next to its outputs."""
+    """Run one recipe file; returns the summary it also writes next to its outputs.
+
+    ``cpu_bf16`` sets the recipe's ``optim.cpu_bf16`` (see :class:`training.loops.OptimConfig`), so the run's
+    saved recipe records it.
+    """
     recipe = load_recipe(path)
+    if cpu_bf16:
+        recipe["optim"] = {**recipe.get("optim", {}), "cpu_bf16": True}
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

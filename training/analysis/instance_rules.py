@@ -11,7 +11,10 @@ an area factor 1 - exp(-area / a0)); with ``--split``, also the shipped rule wit
 erosion by r pixels separates it (its pixels go to the nearest eroded part; r = 1, 2, 3, 5), with and without the
 whole component kept as a lower-scored extra detection, components of other probability thresholds, and how the ground truth's components sit against the
 predicted ones (covered by one that also covers other ground-truth components, covered alone but at IoU < 0.5,
-not covered). One-off analysis: the rule is chosen on these 50 slices, so its numbers here are optimistic.
+not covered). With ``--oracle``, two bounds that no instance rule can pass: the predicted mask cut into parts by
+the nearest ground-truth component (every splitting rule's best case on these masks), and the components of the
+ground truth itself after a morphological closing of radius r (what merging neighbouring patches alone costs a
+perfect mask). One-off analysis: the rule is chosen on these 50 slices, so its numbers here are optimistic.
 """
 
 import argparse
@@ -65,6 +68,30 @@ def split_instances(prob: np.ndarray, radius: int, keep_whole: bool) -> list[Ins
     return found
 
 
+def oracle_partition(prob: np.ndarray, truth: list[Instance]) -> list[Instance]:
+    """The mask ``prob >= 0.5`` cut by the nearest ground-truth component: an upper bound of any splitting rule."""
+    mask = prob >= 0.5
+    if not truth or not mask.any():
+        return extract_instances(prob)
+    labels = np.zeros(mask.shape, np.int32)
+    for j, inst in enumerate(truth, 1):
+        labels[inst.mask] = j
+    _, (rows, cols) = ndi.distance_transform_edt(labels == 0, return_indices=True)
+    nearest = labels[rows, cols]
+    parts = ((nearest == j) & mask for j in range(1, len(truth) + 1))
+    return [Instance(_box(m), float(prob[m].mean()), m) for m in parts if m.any()]
+
+
+def closed_truth(truth: list[Instance], shape: tuple[int, int], radius: int) -> list[Instance]:
+    """Components of the ground truth after a closing with a disk of ``radius`` pixels, as detections."""
+    mask = np.zeros(shape, bool)
+    for inst in truth:
+        mask |= inst.mask
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    closed = ndi.binary_closing(np.pad(mask, radius), x * x + y * y <= radius * radius)[radius:-radius, radius:-radius]
+    return [Instance(_box(m), 1.0, m) for m in components(closed | mask, 1)]
+
+
 def coverage(cases) -> dict:
     """How the ground-truth components sit against the predicted instances (shipped rule)."""
     out = {"truth_components": 0, "merged": 0, "covered_low_iou": 0, "matched_iou50": 0, "not_covered": 0}
@@ -93,6 +120,7 @@ def main() -> None:
     ap.add_argument("--tta", default="h")
     ap.add_argument("--partner", help="fold model path with {k} of a U-Net partner averaged in")
     ap.add_argument("--split", action="store_true", help="also the erosion-split variants and the coverage counts")
+    ap.add_argument("--oracle", action="store_true", help="also the bounds: oracle split and closed ground truth")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -116,6 +144,13 @@ def main() -> None:
             print(key, out[key], flush=True)
         out["coverage"] = coverage(cases)
         print("coverage", out["coverage"])
+    if args.oracle:
+        out["oracle split"] = ap_summary([slice_ap(oracle_partition(p, gt), gt) for p, gt in cases])
+        print("oracle split", out["oracle split"], flush=True)
+        for radius in (3, 6, 10):
+            key = f"closed truth r={radius}"
+            out[key] = ap_summary([slice_ap(closed_truth(gt, p.shape, radius), gt) for p, gt in cases])
+            print(key, out[key], flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"pattern": args.pattern, "partner": args.partner, "tta": args.tta, "slices": len(cases), "variants": out}, f, indent=2)
