@@ -573,3 +573,18 @@ def test_ccccii_scans_map_back_to_hounsfield_units(tmp_path):
 
     written = np.asarray(nib.load(str(tmp_path / "cp_3132.nii.gz")).dataobj)
     np.testing.assert_array_equal(np.transpose(written, (2, 1, 0)), hu)
+
+
+def test_train_step_speed_benchmark_runs_every_mode_and_restores_the_loss():
+    import importlib.util
+
+    from training import losses
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step_speed.py"
+    spec = importlib.util.spec_from_file_location("train_step_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    box_mean = losses.box_mean
+    for mode in bench.MODES:
+        assert bench.step_ms("unet", {"in_ch": 1, "out_ch": 1, "base": 4}, mode, steps=1, batch=2, size=32) > 0
+    assert losses.box_mean is box_mean
