@@ -424,6 +424,34 @@ def test_ship_final_without_cv_names_its_prior_and_cv_runs(tmp_path):
     assert card["input"]["channels"] == 2 and card["training"]["fit_seconds"] == 5.0
 
 
+def test_ship_card_names_pretraining_only_when_the_init_chain_has_a_pretrain_run(tmp_path):
+    from training.ship import ship
+
+    def run(name, recipe, seconds):
+        (tmp_path / name).mkdir()
+        save_model(build_model("infnet", **TINY_INFNET), tmp_path / name / "final.safetensors", "infnet", TINY_INFNET)
+        full = {"model": {"arch": "infnet", "config": TINY_INFNET}, **recipe}
+        (tmp_path / name / "final.json").write_text(json.dumps({"recipe": full, "device": "cpu", "final_seconds": seconds}))
+        return tmp_path / name
+
+    run("stage1", {"kind": "segment"}, 1000.0)
+    card = ship(run("stage2", {"kind": "segment", "init": {"run": "stage1"}}, 50.0), "infnet", "infection", "cmd",
+                tmp_path / "w1")
+    assert "pretraining" not in card["data"] and "recipe.init.run" in card["data"]
+    assert card["training"] == {"device": "cpu", "fit_seconds": 50.0,
+                                "stages": [{"run": "stage1", "kind": "segment", "fit_seconds": 1000.0}]}
+
+    run("pre", {"kind": "pretrain"}, 7.0)
+    run("tuned", {"kind": "segment", "init": {"run": "pre"}}, 8.0)
+    card = ship(run("v2", {"kind": "segment", "init": {"run": "tuned"}}, 9.0), "infnet", "infection", "cmd",
+                tmp_path / "w2")
+    assert "self-supervised pretraining" in card["data"]
+    assert [s["run"] for s in card["training"]["stages"]] == ["tuned", "pre"]
+
+    card = ship(run("scratch", {"kind": "segment"}, 3.0), "infnet", "infection", "cmd", tmp_path / "w3")
+    assert "recipe.init" not in card["data"] and "stages" not in card["training"]
+
+
 def test_init_file_names_another_model_of_the_run(tmp_path):
     from covfast.nn import InfNet, save_model
     from training.recipes import _model

@@ -16,6 +16,7 @@ from covfast.nn.preprocess import INPUT_SIZE
 WEIGHTS = Path(__file__).resolve().parent.parent / "covfast" / "weights"
 DATA_NOTE = "COVID-SemiSeg (Fan et al., Inf-Net, IEEE TMI 2020): the 50 doctor-labelled MedSeg slices for supervision"
 PRETRAIN_NOTE = "; the 1,600 unlabelled Zenodo slices (images only) for self-supervised pretraining (via recipe.init)"
+STAGE_NOTE = "; it starts from the weights of recipe.init.run (its kind and fit time: training.stages)"
 PRIOR_NOTE = (
     " Second input channel: the probability map of the single-class model of recipe.prior.run, as the installed "
     "infnet model supplies it at inference."
@@ -125,6 +126,26 @@ def _validation(
     return validation
 
 
+def init_stages(run_dir: Path, recipe: dict) -> list[dict]:
+    """The runs a recipe's ``init`` chain starts from, nearest first, as far as their ``final.json`` is on disk.
+
+    Each entry: ``{"run", "kind", "fit_seconds"}``; ``kind`` is the init run's recipe kind (``pretrain`` for the
+    self-supervised runs, ``segment`` for a supervised first stage).
+    """
+    stages, seen = [], set()
+    while recipe.get("init") and recipe["init"]["run"] not in seen:
+        seen.add(recipe["init"]["run"])
+        final = run_dir.parent / recipe["init"]["run"] / "final.json"
+        if not final.is_file():
+            stages.append({"run": recipe["init"]["run"], "kind": None, "fit_seconds": None})
+            break
+        found = json.loads(final.read_text())
+        recipe = found["recipe"]
+        stages.append({"run": final.parent.name, "kind": recipe.get("kind"),
+                       "fit_seconds": found.get("final_seconds", found.get("seconds"))})
+    return stages
+
+
 def slice_flags_block(volume_check: str | Path, what: str = "") -> dict:
     """The card's ``covid_ct_md_slice_flags``: per case and area threshold, the slice flags of a ``check-volumes``
     summary against the radiologists' slice labels (read superior first, :mod:`training.ctmd`); ``what`` says
@@ -189,7 +210,9 @@ def ship(
     weights_dir.mkdir(parents=True, exist_ok=True)
     dest = weights_dir / f"{name}.safetensors"
     shutil.copyfile(run_dir / f"{model}.safetensors", dest)
-    data_note = DATA_NOTE + (PRETRAIN_NOTE if final["recipe"].get("init") else "") + "."
+    stages = init_stages(run_dir, final["recipe"])
+    pretrained = any(stage["kind"] == "pretrain" for stage in stages)
+    data_note = DATA_NOTE + (PRETRAIN_NOTE if pretrained else STAGE_NOTE if stages else "") + "."
     if final["recipe"].get("prior"):
         data_note += PRIORS_NOTE if "runs" in final["recipe"]["prior"] else PRIOR_NOTE
     if final["recipe"].get("negatives"):
@@ -204,7 +227,8 @@ def ship(
         "data": data_note,
         "recipe": final["recipe"],
         "command": command,
-        "training": {"device": final.get("device"), "fit_seconds": final.get("final_seconds", final.get("seconds"))},
+        "training": {"device": final.get("device"), "fit_seconds": final.get("final_seconds", final.get("seconds")),
+                     **({"stages": stages} if stages else {})},
         "validation": _validation(run_dir, model, volume_check, task, cv_runs, ensemble_check, prior_check),
         "sha256": sha256_file(dest),
     }

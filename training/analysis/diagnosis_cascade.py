@@ -3,9 +3,9 @@
 The head's held-out predictions come from ``python -m training.affinity lopo`` (``lopo.json``, key
 ``predictions``); the segmentation side (per-slice infected area, infected volume) from ``covfast infer`` reports
 of the same COVID-CT-MD volumes. cap001 and normal001 were never used to train the shipped segmentation networks;
-44 P001 slices taken as infection-free were negatives of their second stage, so P001's slice specificity flatters them
-(that stage read the labels in reverse: 9 of the 44 are labelled infected; the slice labels here are read superior
-first, :mod:`training.ctmd`).
+44 P001 slices taken as infection-free were negatives of their second stages, so P001's slice specificity flatters
+them. The Inf-Net's second stage (session 15) read the labels right; the U-Net partner's (session 8) read them in
+reverse, so 9 of its 44 are labelled infected. The slice labels here are read superior first (:mod:`training.ctmd`).
 
     python -m training.affinity lopo --recipe training/recipes/affinity.json --out runs/s11/affinity
     covfast infer ../shared/data/covid-ct-md/{P001,cap001,normal001} -o runs/s11/reports -q --device cpu
@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     reports = {case: json.loads((args.reports / case / "report.json").read_text()) for case in lopo["predictions"]}
     result = {
         "protocol": f"{lopo['protocol']}; the affinity head trained without the held-out patient, the segmentation "
-        "as shipped (it never saw cap001 or normal001; 44 P001 slices were negatives of its second stage, 9 of them "
-        "labelled infected, since that stage read the labels in reverse); slice labels read superior first "
-        "(training/ctmd.py)",
+        "as shipped (it never saw cap001 or normal001; 44 P001 slices taken as infection-free were negatives of the "
+        "second stages: the Inf-Net's read the labels right, the U-Net partner's in reverse, so 9 of its 44 are "
+        "labelled infected); slice labels read superior first (training/ctmd.py)",
         "command": f"python training/analysis/diagnosis_cascade.py {args.lopo} {args.reports}",
         **evaluate(lopo, reports, args.area, args.min_infected_ml),
     }

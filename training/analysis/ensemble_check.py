@@ -114,7 +114,12 @@ def main() -> None:
         if "@" not in label:
             pooled[label]["dice_ci95"] = [round(v, 4) for v in s["dice"]["ci95"]]
         print(label, pooled[label] if "@" not in label else {"dice": pooled[label]["dice"]})
-    paired = {pair: paired_dice(per, *pair.split("-", 1)) for pair in args.paired}
+    order = list(specs)
+
+    def canonical(label: str) -> str:  # "xl+long" names the same ensemble as "long+xl"
+        return "+".join(sorted(label.split("+"), key=order.index))
+
+    paired = {pair: paired_dice(per, *map(canonical, pair.split("-", 1))) for pair in args.paired}
     for pair, found in paired.items():
         print("paired", pair, found)
     if args.json:
