@@ -1,8 +1,9 @@
-"""Time one training step of the shipped architectures on the CPU: float32 with the loss's boundary weights by
-``avg_pool2d`` (how every run before session 14 trained), float32, bfloat16 autocast, and bfloat16 with
-channels-last tensors (what ``python -m training run --cpu-bf16`` does).
+"""Time one training step of the shipped architectures on the CPU: float32 as every run before session 14 trained
+(the loss's boundary weights by ``avg_pool2d``, once per supervised map), float32 (running-sum box means, one
+weight per target), bfloat16 autocast, and bfloat16 with channels-last tensors (what ``python -m training run
+--cpu-bf16`` does).
 
-    python benchmarks/train_step_speed.py --threads 2 --json benchmarks/results/train_step_cpu_s14.json
+    python benchmarks/train_step_speed.py --threads 2 --json benchmarks/results/train_step_cpu_s15.json
 
 Each recipe's network (``training/recipes/<name>.json``) takes a batch of 8 random 256 x 256 slices through
 forward, the recipe's loss, backward and an AdamW step; the time is the mean of ``--steps`` steps after two
@@ -21,11 +22,19 @@ import torch
 import torch.nn.functional as F
 
 from covfast.nn import build_model
-from training import losses
+from training import loops, losses
 from training.loops import OptimConfig, _autocast, segmentation_loss
 
 RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 MODES = ("fp32_avgpool_loss", "fp32", "bf16", "bf16_channels_last")
+
+
+def infnet_loss_before_s14(out, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The Inf-Net loss as it ran before session 14: each of the four maps computed its own boundary weight."""
+    loss = losses.structure_loss(out.global_map, target, valid)
+    for side in out.side:
+        loss = loss + losses.structure_loss(side, target, valid)
+    return loss + F.binary_cross_entropy_with_logits(out.edge.float(), losses.edge_target(target), weight=valid)
 
 
 def step_ms(arch: str, config: dict, mode: str, steps: int, batch: int, size: int) -> float:
@@ -47,9 +56,10 @@ def step_ms(arch: str, config: dict, mode: str, steps: int, batch: int, size: in
         loss.backward()
         optimizer.step()
 
-    box_mean = losses.box_mean
+    box_mean, infnet_loss = losses.box_mean, loops.infnet_loss
     if mode == "fp32_avgpool_loss":
         losses.box_mean = lambda x, size=31: F.avg_pool2d(x, size, stride=1, padding=size // 2)
+        loops.infnet_loss = infnet_loss_before_s14
     try:
         one()
         one()
@@ -57,7 +67,7 @@ def step_ms(arch: str, config: dict, mode: str, steps: int, batch: int, size: in
         for _ in range(steps):
             one()
     finally:
-        losses.box_mean = box_mean
+        losses.box_mean, loops.infnet_loss = box_mean, infnet_loss
     return (time.perf_counter() - t0) / steps * 1000
 
 

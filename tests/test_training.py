@@ -612,7 +612,18 @@ def test_train_step_speed_benchmark_runs_every_mode_and_restores_the_loss():
     spec = importlib.util.spec_from_file_location("train_step_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    box_mean = losses.box_mean
+    from training import loops
+
+    box_mean, infnet_loss = losses.box_mean, loops.infnet_loss
     for mode in bench.MODES:
         assert bench.step_ms("unet", {"in_ch": 1, "out_ch": 1, "base": 4}, mode, steps=1, batch=2, size=32) > 0
-    assert losses.box_mean is box_mean
+        assert bench.step_ms("infnet", TINY_INFNET, mode, steps=1, batch=2, size=32) > 0
+    assert losses.box_mean is box_mean and loops.infnet_loss is infnet_loss
+
+    # The pre-session-14 loss is the same number, only slower: one weight per map equals one weight per target.
+    torch.manual_seed(0)
+    model = build_model("infnet", **TINY_INFNET)
+    x, y = torch.rand(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.7).float()
+    out = model(x)
+    torch.testing.assert_close(bench.infnet_loss_before_s14(out, y, torch.ones_like(y)),
+                               losses.infnet_loss(out, y, torch.ones_like(y)))
