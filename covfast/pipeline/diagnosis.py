@@ -59,6 +59,7 @@ otherwise the label is the larger of the mean covid and mean pneumonia probabili
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -353,6 +354,24 @@ def load_affinity(device: str = "cpu", weights_dir: str | Path = WEIGHTS_DIR):
     return load_head(weights, device), card
 
 
+def _affinity_key(weights_dir) -> str | None:
+    """The installed affinity card's text (None without one): a new or edited head loads afresh."""
+    card_path = Path(weights_dir) / f"{MODEL_NAME}.json"
+    return card_path.read_text() if card_path.exists() else None
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded_models(device: str, weights_dir: str, cards_key: tuple, affinity_key: str | None) -> tuple:
+    """(the Inf-Net's LoadedModel, the affinity head, its card), read and hash-checked once per process and set of
+    installed weights (the keys): ``covfast infer`` over many volumes, or ``covfast benchmark``, reuses them."""
+    from covfast.pipeline.infection import SINGLE_CLASS, load_models
+
+    del cards_key, affinity_key
+    infnet = load_models(device, multiclass=False, weights_dir=weights_dir)[SINGLE_CLASS]
+    head, card = load_affinity(device, weights_dir)
+    return infnet, head, card
+
+
 def diagnose(
     hu: np.ndarray,
     lung: np.ndarray,
@@ -402,7 +421,7 @@ def diagnose(
         ValueError: the arrays are not 3D of one shape.
     """
     from covfast.nn.preprocess import INPUT_SIZE, to_input
-    from covfast.pipeline.infection import SINGLE_CLASS, load_models, lung_slices
+    from covfast.pipeline.infection import SINGLE_CLASS, _cards_key, lung_slices
     from covfast.pipeline.infection import slice_view as stage_view
     from covfast.pipeline.severity import DEFAULT_RULES, PROBABILITY_THRESHOLD
 
@@ -419,8 +438,7 @@ def diagnose(
     if infected_area_mm2.shape != (hu.shape[0],):
         raise ValueError(f"infected_area_mm2 must have one value per slice ({hu.shape[0]}), got {infected_area_mm2.shape}")
     t0 = time.perf_counter()
-    infnet = load_models(device, multiclass=False, weights_dir=weights_dir)[SINGLE_CLASS]
-    head, card = load_affinity(device, weights_dir)
+    infnet, head, card = _loaded_models(device, str(weights_dir), _cards_key(weights_dir), _affinity_key(weights_dir))
     trained_on = card.get("backbone", {}).get("sha256")
     if trained_on != infnet.card["sha256"]:
         raise ModelNotInstalledError(
