@@ -3,9 +3,12 @@ the CLI is a thin layer over this."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +142,7 @@ def infer_many(
     tta: str | None = None,
     ensemble: bool = True,
     progress: Callable[[int], Callable[[int, int], None] | None] | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[int, object]]:
     """Run :func:`infer` on several volumes, overlapping file reading and writing with the computation.
 
@@ -155,17 +159,29 @@ def infer_many(
         device, batch_size, preview, save_probabilities, rules, engine, precision, tta, ensemble: as for
             :func:`infer`.
         progress: optional callable(index) -> callable(n_done, n_total) (or None), the infection network's progress
-            callback for input ``index``.
+            callback for input ``index`` (not called when ``workers`` > 1).
+        workers: volumes computed at once, each in its own worker process (spawned, so CUDA works in them) that
+            loads the networks once and then reads, computes and writes whole volumes. Most of the pipeline besides
+            the networks (the lung mask, the lesion statistics, the preview) is CPU work, so on a GPU machine with
+            many cores several workers share the GPU and multiply the throughput; each holds its own copy of the
+            networks and one volume at a time (about 2.5 GB of host memory at 512 x 512 x 150).
 
     Yields:
         (index, outcome) in input order, once the input's outputs are written: ``outcome`` is the
-        :class:`covfast.pipeline.run.Result`, or the :class:`covfast.errors.CovfastError` that stopped it.
+        :class:`covfast.pipeline.run.Result` (with ``workers`` > 1 a :class:`Saved`, its report and output folder:
+        the arrays stay in the worker), or the :class:`covfast.errors.CovfastError` that stopped it.
     """
     from covfast.pipeline.run import analyze
 
     if len(paths) != len(out_dirs):
         raise ValueError(f"{len(paths)} inputs but {len(out_dirs)} output folders")
     _check_engine(engine, precision, tta)
+    if workers > 1 and len(paths) > 1:
+        options = {"series": series, "device": device, "batch_size": batch_size, "preview": preview,
+                   "save_probabilities": save_probabilities, "rules": rules, "engine": engine,
+                   "precision": precision, "tta": tta, "ensemble": ensemble}
+        yield from _infer_in_workers(paths, out_dirs, min(workers, len(paths)), options)
+        return
     with ThreadPoolExecutor(1, thread_name_prefix="covfast-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="covfast-write") as writer:
         reading = reader.submit(_timed_load, paths[0], None, series) if paths else None
@@ -189,6 +205,54 @@ def infer_many(
             writing = (index, saving, outcome)
         if writing is not None:
             yield _written(*writing)
+
+
+@dataclass
+class Saved:
+    """What a worker process of :func:`infer_many` hands back for a volume whose outputs it wrote."""
+
+    report: dict
+    out_dir: Path
+
+
+def default_workers(device: str, n_inputs: int) -> int:
+    """Worker processes for ``covfast infer --workers auto``: one on a CPU (the networks already use every core)
+    or for a single input; on a GPU one per 4 CPU cores, at most 4 and at most one per input."""
+    if device != "cuda" or n_inputs < 2:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 4, n_inputs))
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _infer_saved(path, out_dir, options: dict):
+    """One volume in a worker process: read, compute, write; the report (or the error) goes back."""
+    try:
+        result = infer(path, out_dir=out_dir, **options)
+    except CovfastError as exc:
+        return exc
+    return Saved(result.report, Path(out_dir))
+
+
+def _infer_in_workers(paths: Sequence, out_dirs: Sequence, workers: int, options: dict) -> Iterator[tuple[int, object]]:
+    """:func:`infer_many` over ``workers`` spawned processes; at most two volumes per worker are queued, and the
+    outcomes come back in input order."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(max(1, cores // workers),)) as pool:
+        pending: dict[int, Future] = {}
+        submitted = 0
+        for index in range(len(paths)):
+            while submitted < len(paths) and submitted < index + 2 * workers:
+                pending[submitted] = pool.submit(_infer_saved, paths[submitted], out_dirs[submitted], options)
+                submitted += 1
+            yield index, pending.pop(index).result()
 
 
 def _written(index: int, saving: Future | None, outcome) -> tuple[int, object]:

@@ -31,6 +31,11 @@ INFER_EXAMPLE = """example:
 """
 
 
+def _workers(text: str):
+    """``auto`` or a positive integer (the --workers option)."""
+    return text if text == "auto" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -96,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--save-probabilities", action="store_true",
                        help="also write infection_prob.nii.gz: the network's infection probability on the input's "
                             "grid (uint8 p x 255 with scl_slope 1/255, so NIfTI readers return p)")
+    infer.add_argument(
+        "--workers", type=_workers, default="auto", metavar="N|auto",
+        help="volumes computed at once in worker processes that share the GPU (default auto: on a GPU one per 4 CPU "
+        "cores, at most 4; on a CPU 1)",
+    )
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     infer.set_defaults(func=cmd_infer)
 
@@ -233,7 +243,7 @@ def _load_engines(engine: str, device: str, precision: str | None, ensemble: boo
 def cmd_infer(args) -> int:
     from tqdm import tqdm
 
-    from covfast.api import infer, infer_many
+    from covfast.api import default_workers, infer, infer_many
     from covfast.errors import OutputError
     from covfast.io import find_inputs
     from covfast.pipeline.run import resolve_device
@@ -259,7 +269,9 @@ def cmd_infer(args) -> int:
     if args.infection_mask:
         outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]
     else:
-        outcomes = infer_many(inputs, [out_root / name for name in names], progress=slices.__getitem__, **options)
+        workers = default_workers(device, len(inputs)) if args.workers == "auto" else args.workers
+        outcomes = infer_many(inputs, [out_root / name for name in names], progress=slices.__getitem__,
+                              workers=workers, **options)
     failures = 0
     rows = []
     bar = tqdm(total=len(inputs), desc="covfast", unit="volume", disable=args.quiet or len(inputs) < 2,

@@ -36,6 +36,9 @@ class InputError(CovfastError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # picklable with its two arguments (errors come back from worker processes)
+        return type(self), (self.path, self.problem)
+
 
 class OutputError(CovfastError):
     """An output cannot be written (exit code 3); nothing partial is left behind."""
@@ -46,6 +49,9 @@ class OutputError(CovfastError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable with its two arguments (errors come back from worker processes)
+        return type(self), (self.path, self.problem)
 
 
 class ModelNotInstalledError(CovfastError):

@@ -288,6 +288,44 @@ def test_several_inputs_one_failing(tmp_path, capsys):
     assert [r["output"] for r in again] == ["first", "last"] and again[0] == rows[0]
 
 
+def test_worker_processes_match_one_process(tmp_path, capsys):
+    """--workers 2: spawned processes compute and write the volumes; a bad input's error comes back across the
+    process boundary as one line naming the file, and every report equals the one-process run's."""
+    image = nib.load(str(sample_path()))
+    mid = image.shape[2] // 2
+    first, last = tmp_path / "first.nii.gz", tmp_path / "last.nii.gz"
+    nib.save(image.slicer[:, :, mid - 2 : mid + 1], str(first))
+    nib.save(image.slicer[:, :, mid : mid + 3], str(last))
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a volume" * 10)
+    reports = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        code = main(["infer", str(first), str(broken), str(last), "-o", str(out), "--device", "cpu", "-q",
+                     "--no-preview", "--workers", workers])
+        assert code == 3
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if line.startswith("covfast: error:")]
+        assert len(errors) == 1 and "broken.nii.gz" in errors[0]
+        assert [line.split(":")[0] for line in captured.out.splitlines()] == ["first", "last"]
+        assert sorted(p.name for p in out.iterdir()) == ["first", "last", "summary.csv"]
+        reports[workers] = [json.loads((out / name / "report.json").read_text()) for name in ("first", "last")]
+    for one, two in zip(reports["1"], reports["2"]):
+        assert two["percent_infected"] == one["percent_infected"]
+        assert two["lung_volume_ml"] == one["lung_volume_ml"]
+
+
+def test_workers_option(capsys):
+    from covfast.api import default_workers
+
+    assert default_workers("cpu", 10) == 1
+    assert default_workers("cuda", 1) == 1
+    assert 1 <= default_workers("cuda", 2) <= 2
+    with pytest.raises(SystemExit) as info:
+        main(["infer", "x.nii.gz", "--workers", "0"])
+    assert info.value.code == 2 and "--workers" in capsys.readouterr().err
+
+
 def test_summary_csv_rows_and_a_foreign_file_is_refused(tmp_path, capsys):
     from covfast.report.summary import COLUMNS, row
 
