@@ -11,7 +11,8 @@
 # benchmarks/lungmask_unet_gpu.py). Steps run under time limits so that the call ends inside the tool's 10
 # minutes; after each step everything so far is packed into $OUT/gpu_session.tar.gz, so a cut-off call still
 # returns what it measured. Steps that fail are logged and the next step still runs.
-# STEPS (a space-separated list, default all) picks steps: build tests e2e lungmask folder ops.
+# STEPS (a space-separated list, default all) picks steps: build tests e2e lungmask folder ops. E2E_CONFIGS
+# (comma-separated "engine precision [--no-ensemble]"), FOLDER_VOLUMES (default 16) and FOLDER_WORKERS (default "1 auto") narrow the e2e and folder steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/covfast-gpu-session}
 STEPS=${STEPS:-"build tests e2e lungmask folder ops"}
@@ -49,7 +50,8 @@ fi
 
 if want e2e; then
     log "end to end on a P001-sized volume"
-    for config in "torch fp16" "torch fp32" "torch bf16" "onnx fp32" "torch fp16 --no-ensemble"; do
+    IFS=, read -ra configs <<<"${E2E_CONFIGS:-torch fp16,torch fp32,torch bf16,onnx fp32,torch fp16 --no-ensemble}"
+    for config in "${configs[@]}"; do
         set -- $config
         name="e2e_cuda_${1}_${2}${3:+_no_ensemble}"
         timeout 120 python3 -m covfast benchmark "$VOL" --device cuda --engine "$1" --precision "$2" ${3:-} --runs 5 \
@@ -68,21 +70,24 @@ if want lungmask; then
 fi
 
 if want folder; then
-    log "a folder of 20 volumes in one process"
-    mkdir -p "$WORK/folder" && for i in $(seq -w 1 20); do ln -sf "$VOL" "$WORK/folder/v$i.nii.gz"; done
-    timeout 150 /usr/bin/time -v python3 -m covfast infer "$WORK/folder" -o "$WORK/folder_out" -q --device cuda \
-        --engine torch >"$WORK/folder_throughput.txt" 2>&1 || log "folder run failed"
-    grep -E "Elapsed|Maximum resident" "$WORK/folder_throughput.txt" | tee -a "$WORK/session.log"
-    python3 - "$WORK/folder_out" >>"$WORK/folder_throughput.txt" 2>&1 <<'PY'
+    n=${FOLDER_VOLUMES:-16}
+    mkdir -p "$WORK/folder" && for i in $(seq -w 1 "$n"); do ln -sf "$VOL" "$WORK/folder/v$i.nii.gz"; done
+    for workers in ${FOLDER_WORKERS:-1 auto}; do
+        log "a folder of $n volumes, --workers $workers"
+        name="folder_throughput_workers_$workers"
+        timeout 200 /usr/bin/time -v python3 -m covfast infer "$WORK/folder" -o "$WORK/folder_out" -q --device cuda \
+            --engine torch --workers "$workers" >"$WORK/$name.txt" 2>&1 || log "folder run failed"
+        grep -E "Elapsed|Maximum resident" "$WORK/$name.txt" | tee -a "$WORK/session.log"
+        python3 - "$WORK/folder_out" >>"$WORK/$name.txt" 2>&1 <<'PY'
 import json, pathlib, sys
-reports = sorted(pathlib.Path(sys.argv[1]).glob("*/report.json"))
-for path in reports:
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*/report.json")):
     r = json.loads(path.read_text())
     print(path.parent.name, json.dumps(r["timings_s"]), r.get("engine"))
 PY
-    cp "$WORK/folder_out/v01/report.json" "$WORK/folder_v01_report.json" 2>/dev/null
-    rm -rf "$WORK/folder_out" "$WORK/folder"
-    pack
+        rm -rf "$WORK/folder_out"
+        pack
+    done
+    rm -rf "$WORK/folder"
 fi
 
 if want ops; then

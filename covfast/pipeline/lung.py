@@ -33,6 +33,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
+from covfast.pipeline import morphology
+
 BACKGROUND, RIGHT_LUNG, LEFT_LUNG = 0, 1, 2
 
 # In-plane connectivity only: a slice's holes and components must not leak through neighbouring slices.
@@ -53,6 +55,7 @@ def lung_mask(
     trachea_max_offset_mm: float = 20.0,
     min_lung_volume_ml: float = 30.0,
     min_second_lung_fraction: float = 0.05,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Segment the lungs and label them right (1) and left (2).
 
@@ -77,6 +80,8 @@ def lung_mask(
             lungs and gets an all-zero mask.
         min_second_lung_fraction: a second component counts as the other lung only if it holds at
             least this fraction of the largest component's volume.
+        device: where the large morphological filters run: ``cpu`` (scipy) or a torch device such as ``cuda``
+            (:mod:`covfast.pipeline.morphology`; the labels are bit-identical).
 
     Returns:
         [D, H, W] uint8 labels: 0 background, 1 right lung, 2 left lung.
@@ -117,10 +122,17 @@ def lung_mask(
     lungs = _select_lungs(large_air & ~trachea, min_lung_volume_ml / voxel_ml, min_second_lung_fraction)
     if lungs is None:
         return labels_full
-    lungs = _grow_back(lungs, inner_air & ~_dilate_in_box(trachea, 2))
-    labels = _recover_dense_lung(lungs, work_hu, work_spacing, closing_radius_mm, bone_threshold_hu, pocket_depth_mm)
+    backend = _morphology_backend(device)
+    lungs = _grow_back(lungs, inner_air & ~_dilate_in_box(trachea, 2), backend=backend)
+    labels = _recover_dense_lung(lungs, work_hu, work_spacing, closing_radius_mm, bone_threshold_hu, pocket_depth_mm,
+                                 backend=backend)
     _upsample_into(labels, step_h, step_w, labels_full)
     return labels_full
+
+
+def _morphology_backend(device: str) -> str:
+    """scipy on the CPU (faster there than torch's pools on few cores), torch on any other device."""
+    return "scipy" if device == "cpu" else device
 
 
 def _inner_air(air: np.ndarray) -> tuple[np.ndarray, float]:
@@ -226,20 +238,20 @@ def _dilate_in_box(mask: np.ndarray, steps: int) -> np.ndarray:
     return dilated
 
 
-def _grow_back(labels: np.ndarray, air: np.ndarray, steps: int = 2) -> np.ndarray:
+def _grow_back(labels: np.ndarray, air: np.ndarray, steps: int = 2, backend: str = "scipy") -> np.ndarray:
     """Grow eroded lung labels back over ``air`` by a few 6-connected steps (where lungs meet, left wins).
 
     Args:
         labels: [D, H, W] uint8 lung labels on the eroded air.
         air: [D, H, W] bool air the labels may grow into.
         steps: growth steps; one undoes the erosion, a second recovers thin partial-volume rims.
+        backend: ``scipy`` or a torch device (:mod:`covfast.pipeline.morphology`).
 
     Returns:
         [D, H, W] uint8 grown labels.
     """
-    cross = ndi.generate_binary_structure(3, 1)
     for _ in range(steps):
-        grown = ndi.grey_dilation(labels, footprint=cross)
+        grown = morphology.cross_dilation(labels, backend)
         labels = np.where(air & (labels == 0), grown, labels)
     return labels
 
@@ -327,24 +339,9 @@ def _round_element(radius_h: float, radius_w: float) -> list[tuple[int, int, int
     return sizes
 
 
-def _round_dilation(mask: np.ndarray, radius_h: float, radius_w: float) -> np.ndarray:
-    """[D, H, W] uint8 (0/1) per-slice dilation of [D, H, W] bool ``mask`` by :func:`_round_element`."""
-    sizes = _round_element(radius_h, radius_w)
-    as_bytes = mask.view(np.uint8)
-    dilated = ndi.maximum_filter(as_bytes, size=sizes[0], mode="constant", cval=0)
-    for size in sizes[1:]:
-        np.maximum(dilated, ndi.maximum_filter(as_bytes, size=size, mode="constant", cval=0), out=dilated)
-    return dilated
-
-
-def _round_closing(mask: np.ndarray, radius_h: float, radius_w: float) -> np.ndarray:
+def _round_closing(mask: np.ndarray, radius_h: float, radius_w: float, backend: str = "scipy") -> np.ndarray:
     """Per-slice binary closing of [D, H, W] bool ``mask`` by :func:`_round_element`; radii in rows, columns."""
-    sizes = _round_element(radius_h, radius_w)
-    dilated = _round_dilation(mask, radius_h, radius_w)
-    closed = ndi.minimum_filter(dilated, size=sizes[0], mode="nearest")
-    for size in sizes[1:]:
-        np.minimum(closed, ndi.minimum_filter(dilated, size=size, mode="nearest"), out=closed)
-    return closed.view(bool)
+    return morphology.union_closing(mask, _round_element(radius_h, radius_w), backend)
 
 
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -361,6 +358,7 @@ def _recover_dense_lung(
     radius_mm: float,
     bone_threshold_hu: float,
     pocket_depth_mm: float,
+    backend: str = "scipy",
 ) -> np.ndarray:
     """Add consolidated and ground-glass lung that the air threshold left out, lung by lung.
 
@@ -371,6 +369,7 @@ def _recover_dense_lung(
         radius_mm: closing radius.
         bone_threshold_hu: the closing never adds voxels at or above this.
         pocket_depth_mm: deepest convex-hull pocket added, see :func:`_wall_pockets`.
+        backend: ``scipy`` or a torch device (:mod:`covfast.pipeline.morphology`).
 
     Returns:
         [D, H, W] uint8 labels including dense lung.
@@ -391,13 +390,12 @@ def _recover_dense_lung(
         )
         lung_box = lung[box]
         allowed = (hu[box] < bone_threshold_hu) & (labels[box] == 0)
-        grown = _fill_holes_per_slice(lung_box | (_round_closing(lung_box, radius_h, radius_w) & allowed))
+        grown = _fill_holes_per_slice(lung_box | (_round_closing(lung_box, radius_h, radius_w, backend) & allowed))
         # Chebyshev distance is a close enough depth measure here and costs two 1D passes.
-        near = ndi.maximum_filter(
-            grown.view(np.uint8),
-            mode="constant",
-            cval=0,
-            size=(1, 2 * round(pocket_depth_mm / spacing[1]) + 1, 2 * round(pocket_depth_mm / spacing[2]) + 1),
+        near = morphology.max_filter(
+            grown,
+            (1, 2 * round(pocket_depth_mm / spacing[1]) + 1, 2 * round(pocket_depth_mm / spacing[2]) + 1),
+            backend,
         ).view(bool)
         grown |= _wall_pockets(grown, allowed, near, lateral_sign=-1 if label == RIGHT_LUNG else 1)
         grown &= ~_domes(grown & ~lung_box, grown, labels[box] == 0)

@@ -233,7 +233,7 @@ def analyze(
     device = resolve_device(device)
     notes: list[str] = list(getattr(volume, "warnings", []) or [])
     with _timed(timings, "lung_mask"):
-        lung = compute_lung_mask(volume.hu, volume.spacing_mm)
+        lung = compute_lung_mask(volume.hu, volume.spacing_mm, device=device)
     voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     lung_ml = float(np.count_nonzero(lung)) * voxel_ml
     if lung_ml == 0:

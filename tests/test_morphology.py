@@ -1,0 +1,46 @@
+"""The lung mask's morphology: torch's pools give exactly scipy's filters (covfast/pipeline/morphology.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from covfast.pipeline import lung, morphology
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _blobs(seed: int, shape=(4, 37, 45)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape) < 0.08
+    mask[:, 10:20, 5:30] = True  # a solid region, so closings and erosions have something to keep
+    mask[:, 0, :] = True  # touching the border: the padding rules matter
+    return mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_filters_equal_scipy(device, seed):
+    mask = _blobs(seed)
+    sizes = lung._round_element(6.3, 4.8)
+    assert len(set(sizes)) > 1
+    np.testing.assert_array_equal(morphology.union_dilation(mask, sizes, device), morphology.union_dilation(mask, sizes))
+    closed = morphology.union_closing(mask, sizes, device)
+    assert closed.dtype == bool
+    np.testing.assert_array_equal(closed, morphology.union_closing(mask, sizes))
+    for size in [(1, 9, 5), (1, 1, 7), (1, 3, 1)]:
+        np.testing.assert_array_equal(morphology.max_filter(mask, size, device), morphology.max_filter(mask, size))
+    labels = (mask * np.random.default_rng(seed).integers(1, 3, mask.shape)).astype(np.uint8)
+    np.testing.assert_array_equal(morphology.cross_dilation(labels, device), morphology.cross_dilation(labels))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lung_mask_identical_on_torch(monkeypatch, device):
+    """The whole lung mask of the shipped sample with torch's filters equals scipy's, voxel for voxel."""
+    from covfast.io import load_volume, sample_path
+
+    volume = load_volume(str(sample_path()))
+    expected = lung.lung_mask(volume.hu, volume.spacing_mm)
+    monkeypatch.setattr(lung, "_morphology_backend", lambda _: device)
+    got = lung.lung_mask(volume.hu, volume.spacing_mm, device=device)
+    assert (expected > 0).sum() > 1000
+    np.testing.assert_array_equal(got, expected)
