@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "grid (uint8 p x 255 with scl_slope 1/255, so NIfTI readers return p)")
     infer.add_argument(
         "--workers", type=_workers, default="auto", metavar="N|auto",
-        help="volumes computed at once in worker processes that share the GPU (default auto: on a GPU one per 4 CPU "
-        "cores, at most 4; on a CPU 1)",
+        help="volumes computed at once in worker processes that share the GPU (default auto: on a GPU three per four "
+        "CPU cores, as host memory allows at 3 GB each; on a CPU 1)",
     )
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     infer.set_defaults(func=cmd_infer)
