@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -194,7 +195,7 @@ def export_onnx(
         raise RuntimeError(f"exported graph uses non-standard ONNX domains {foreign}; TensorRT cannot parse it")
     data = proto.SerializeToString()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # per process: workers may export at once
     partial.write_bytes(data)
     partial.replace(path)
     return {"path": str(path), "onnx_sha256": hashlib.sha256(data).hexdigest(),

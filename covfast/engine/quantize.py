@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -126,7 +127,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, inputs: np.ndarra
         proto = onnx.load(str(quantized))
         found = {**read_metadata(fp32_path), **metadata}
         onnx.helper.set_model_props(proto, found)
-        partial = out_path.with_name(f".{out_path.name}.partial")
+        partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")  # per process
         partial.write_bytes(proto.SerializeToString())
         partial.replace(out_path)
     return {"path": str(out_path), "seconds": time.perf_counter() - start, "metadata": found}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def write_engine_file(path: str | Path, key: EngineKey, plan: bytes) -> None:
     header = json.dumps({"key": key.to_dict(), "plan_sha256": hashlib.sha256(plan).hexdigest()},
                         sort_keys=True).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # per process: workers may export at once
     with open(partial, "wb") as fh:
         fh.write(MAGIC + _LENGTH.pack(len(header)) + header)
         fh.write(plan)
