@@ -216,6 +216,18 @@ class Saved:
 
 
 WORKER_MEMORY_GB = 3.0  # host memory one worker may take at 512 x 512 x 150 (measured peak 2.3-2.6 GB on an H100 host)
+# GPU memory one worker may take: torch's allocator peaked at 618-731 MB on an H100, plus the CUDA context.
+WORKER_GPU_MEMORY_GB = 2.0
+
+
+def _gpu_memory_gb() -> float | None:
+    """Total memory of CUDA device 0 in GB, None where torch cannot tell."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except Exception:  # no CUDA, or a driver problem: no GPU bound
+        return None
 
 
 def _cores() -> int:
@@ -237,14 +249,15 @@ def _available_memory_gb() -> float | None:
 def default_workers(device: str, n_inputs: int) -> int:
     """Worker processes for ``covfast infer --workers auto``: one on a CPU (the networks already use every core)
     or for a single input; on a GPU three per four CPU cores, as many as the available host memory holds at
-    :data:`WORKER_MEMORY_GB` each, and at most one per input. On a 16-core H100 machine, 32 volumes of 512 x 512 x
+    :data:`WORKER_MEMORY_GB` each and the GPU at :data:`WORKER_GPU_MEMORY_GB` each, and at most one per input. On a 16-core H100 machine, 32 volumes of 512 x 512 x
     148 took 42.9 s with 4 workers, 35.3 s with 8, 28.3 s with 12 and 29.9 s with 16 (benchmarks/results/
     gpu_e2e_h100_2026-11-24.md)."""
     if device != "cuda" or n_inputs < 2:
         return 1
-    memory = _available_memory_gb()
+    memory, gpu_memory = _available_memory_gb(), _gpu_memory_gb()
     by_memory = int(memory // WORKER_MEMORY_GB) if memory is not None else n_inputs
-    return max(1, min(3 * _cores() // 4, by_memory, n_inputs))
+    by_gpu = int(gpu_memory // WORKER_GPU_MEMORY_GB) if gpu_memory is not None else n_inputs
+    return max(1, min(3 * _cores() // 4, by_memory, by_gpu, n_inputs))
 
 
 def _worker_init(threads: int) -> None:

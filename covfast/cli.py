@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--workers", type=_workers, default="auto", metavar="N|auto",
         help="volumes computed at once in worker processes that share the GPU (default auto: on a GPU three per four "
-        "CPU cores, as host memory allows at 3 GB each; on a CPU 1)",
+        "CPU cores, as host memory allows at 3 GB and GPU memory at 2 GB each; on a CPU 1)",
     )
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     infer.set_defaults(func=cmd_infer)

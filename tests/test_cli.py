@@ -322,10 +322,13 @@ def test_workers_option(capsys):
     assert default_workers("cuda", 1) == 1
     assert 1 <= default_workers("cuda", 2) <= 2
     api = sys.modules["covfast.api"]
-    for cores, memory, inputs, expected in [(16, 100.0, 32, 12), (16, 10.0, 32, 3), (16, None, 5, 5), (2, 8.0, 9, 1)]:
+    cases = [(16, 100.0, 80.0, 32, 12), (16, 10.0, 80.0, 32, 3), (16, None, None, 5, 5), (2, 8.0, 80.0, 9, 1),
+             (16, 100.0, 8.0, 32, 4)]
+    for cores, memory, gpu_memory, inputs, expected in cases:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(api, "_cores", lambda cores=cores: cores)
             patch.setattr(api, "_available_memory_gb", lambda memory=memory: memory)
+            patch.setattr(api, "_gpu_memory_gb", lambda gpu_memory=gpu_memory: gpu_memory)
             assert default_workers("cuda", inputs) == expected
     with pytest.raises(SystemExit) as info:
         main(["infer", "x.nii.gz", "--workers", "0"])
