@@ -222,11 +222,13 @@ WORKER_GPU_MEMORY_GB = 2.0
 
 def _gpu_memory_gb() -> float | None:
     """Total memory of CUDA device 0 in GB, None where torch cannot tell."""
-    try:
-        import torch
+    import torch
 
+    if not torch.cuda.is_available():
+        return None
+    try:
         return torch.cuda.get_device_properties(0).total_memory / 2**30
-    except Exception:  # no CUDA, or a driver problem: no GPU bound
+    except RuntimeError:  # a driver problem: no GPU bound
         return None
 
 
