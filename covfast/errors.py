@@ -23,7 +23,19 @@ class UsageError(CovfastError):
     exit_code = EXIT_USAGE
 
 
-class InputError(CovfastError):
+class _PathError(CovfastError):
+    """An error about one file: the message is ``"<path>: <problem>"``."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable with its two arguments (errors come back from worker processes)
+        return type(self), (self.path, self.problem)
+
+
+class InputError(_PathError):
     """An input volume cannot be used: missing, unreadable, corrupt, wrong shape or values (exit code 3).
 
     The message names the file and the problem, e.g. ``"scan.nii.gz: truncated gzip stream"``.
@@ -31,27 +43,11 @@ class InputError(CovfastError):
 
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
 
-    def __reduce__(self):  # picklable with its two arguments (errors come back from worker processes)
-        return type(self), (self.path, self.problem)
-
-
-class OutputError(CovfastError):
+class OutputError(_PathError):
     """An output cannot be written (exit code 3); nothing partial is left behind."""
 
     exit_code = EXIT_OUTPUT
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):  # picklable with its two arguments (errors come back from worker processes)
-        return type(self), (self.path, self.problem)
 
 
 class ModelNotInstalledError(CovfastError):

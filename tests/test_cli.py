@@ -255,8 +255,8 @@ def test_unknown_engine_exit_2(capsys):
     assert "--engine" in capsys.readouterr().err
 
 
-def test_several_inputs_one_failing(tmp_path, capsys):
-    """Reading ahead and writing behind: a bad input in the middle reports one line, the others complete in order."""
+def _good_bad_good(tmp_path):
+    """Three inputs: three-slice crops of the sample around its middle, with an unreadable file between them."""
     image = nib.load(str(sample_path()))
     mid = image.shape[2] // 2
     first, last = tmp_path / "first.nii.gz", tmp_path / "last.nii.gz"
@@ -264,6 +264,12 @@ def test_several_inputs_one_failing(tmp_path, capsys):
     nib.save(image.slicer[:, :, mid : mid + 3], str(last))
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a volume" * 10)
+    return first, broken, last
+
+
+def test_several_inputs_one_failing(tmp_path, capsys):
+    """Reading ahead and writing behind: a bad input in the middle reports one line, the others complete in order."""
+    first, broken, last = _good_bad_good(tmp_path)
     out = tmp_path / "out"
     code = main(["infer", str(first), str(broken), str(last), "-o", str(out), "--device", "cpu", "-q",
                  "--no-preview"])
@@ -291,13 +297,7 @@ def test_several_inputs_one_failing(tmp_path, capsys):
 def test_worker_processes_match_one_process(tmp_path, capsys):
     """--workers 2: spawned processes compute and write the volumes; a bad input's error comes back across the
     process boundary as one line naming the file, and every report equals the one-process run's."""
-    image = nib.load(str(sample_path()))
-    mid = image.shape[2] // 2
-    first, last = tmp_path / "first.nii.gz", tmp_path / "last.nii.gz"
-    nib.save(image.slicer[:, :, mid - 2 : mid + 1], str(first))
-    nib.save(image.slicer[:, :, mid : mid + 3], str(last))
-    broken = tmp_path / "broken.nii.gz"
-    broken.write_bytes(b"not a volume" * 10)
+    first, broken, last = _good_bad_good(tmp_path)
     reports = {}
     for workers in ("1", "2"):
         out = tmp_path / f"out{workers}"

@@ -20,11 +20,10 @@ from scipy import ndimage as ndi
 
 
 def _to_torch(array: np.ndarray, device: str) -> torch.Tensor:
-    """[D, H, W] array -> [D, 1, H, W] float tensor on ``device`` (slices as a batch of 2D images)."""
+    """[D, H, W] bool or uint8 array -> [D, H, W] float tensor on ``device``."""
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8) if array.dtype == bool else array).to(
-        device=device, dtype=dtype, non_blocking=True
-    )[:, None]
+    as_bytes = np.ascontiguousarray(array).view(np.uint8) if array.dtype == bool else array
+    return torch.from_numpy(as_bytes).to(device=device, dtype=dtype, non_blocking=True)
 
 
 def _to_numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
@@ -39,6 +38,11 @@ def _max_rect(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     if w > 1:
         x = F.max_pool2d(x, (1, w), stride=1, padding=(0, w // 2))
     return x
+
+
+def _union_max(x: torch.Tensor, sizes: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Per-slice dilation of [D, 1, H, W] ``x`` by the union of the rectangles: the maximum of their max filters."""
+    return torch.stack([_max_rect(x, size) for size in sizes]).amax(dim=0)
 
 
 def _min_rect_nearest(x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -58,7 +62,7 @@ def max_filter(mask: np.ndarray, size: tuple[int, int, int], backend: str = "sci
     as_bytes = mask.view(np.uint8) if mask.dtype == bool else mask
     if backend == "scipy":
         return ndi.maximum_filter(as_bytes, size=size, mode="constant", cval=0)
-    return _to_numpy(_max_rect(_to_torch(as_bytes, backend), size), np.uint8)
+    return _to_numpy(_max_rect(_to_torch(as_bytes, backend)[:, None], size), np.uint8)
 
 
 def union_dilation(mask: np.ndarray, sizes: list[tuple[int, int, int]], backend: str = "scipy") -> np.ndarray:
@@ -69,8 +73,7 @@ def union_dilation(mask: np.ndarray, sizes: list[tuple[int, int, int]], backend:
         for size in sizes[1:]:
             np.maximum(dilated, ndi.maximum_filter(as_bytes, size=size, mode="constant", cval=0), out=dilated)
         return dilated
-    x = _to_torch(mask, backend)
-    return _to_numpy(torch.stack([_max_rect(x, size) for size in sizes]).amax(dim=0), np.uint8)
+    return _to_numpy(_union_max(_to_torch(mask, backend)[:, None], sizes), np.uint8)
 
 
 def union_closing(mask: np.ndarray, sizes: list[tuple[int, int, int]], backend: str = "scipy") -> np.ndarray:
@@ -82,8 +85,7 @@ def union_closing(mask: np.ndarray, sizes: list[tuple[int, int, int]], backend: 
         for size in sizes[1:]:
             np.minimum(closed, ndi.minimum_filter(dilated, size=size, mode="nearest"), out=closed)
         return closed.view(bool)
-    x = _to_torch(mask, backend)
-    dilated = torch.stack([_max_rect(x, size) for size in sizes]).amax(dim=0)
+    dilated = _union_max(_to_torch(mask, backend)[:, None], sizes)
     closed = torch.stack([_min_rect_nearest(dilated, size) for size in sizes]).amin(dim=0)
     return _to_numpy(closed, np.uint8).view(bool)
 
@@ -92,7 +94,7 @@ def cross_dilation(labels: np.ndarray, backend: str = "scipy") -> np.ndarray:
     """[D, H, W] grey dilation of a non-negative [D, H, W] uint8 array by the 3D 6-connected cross."""
     if backend == "scipy":
         return ndi.grey_dilation(labels, footprint=ndi.generate_binary_structure(3, 1))
-    x = _to_torch(labels, backend)[:, 0][None, None]  # [1, 1, D, H, W]
+    x = _to_torch(labels, backend)[None, None]  # [1, 1, D, H, W]
     grown = torch.maximum(
         torch.maximum(
             F.max_pool3d(x, (3, 1, 1), stride=1, padding=(1, 0, 0)),
