@@ -104,6 +104,29 @@ def test_float_input_gives_the_same_labels():
     np.testing.assert_array_equal(from_int, from_strided)
 
 
+@pytest.mark.parametrize("kept", ["right", "left"])
+def test_one_lung_gets_the_label_of_its_side(kept):
+    """After a pneumonectomy (the other lung filled with soft tissue) the remaining lung keeps one label, by the side
+    of the image it lies on."""
+    chest = _chest_phantom(1.25, seed=3)
+    hu = chest["hu"].copy()
+    hu[chest["left" if kept == "right" else "right"]] = 40
+    labels = lung_mask(hu, chest["spacing"])
+    expected = RIGHT_LUNG if kept == "right" else LEFT_LUNG
+    assert set(np.unique(labels)) == {0, expected}
+    assert _dice(labels == expected, chest[kept]) > 0.95
+
+
+def test_a_single_lung_is_sided_by_the_image_centre_not_its_box():
+    from covfast.pipeline.lung import _split_joined_lungs
+
+    lung = np.zeros((4, 30, 100), dtype=bool)
+    lung[:, 5:25, 10:20] = True
+    assert set(np.unique(_split_joined_lungs(lung))) == {0, RIGHT_LUNG}
+    # The same lung in a box of the image whose centre column lies left of it: the box's own centre (50) is not used.
+    assert set(np.unique(_split_joined_lungs(lung, image_centre_w=5.0))) == {0, LEFT_LUNG}
+
+
 @pytest.mark.parametrize("fill_hu", [40, -1000])
 def test_volume_without_lungs_is_all_zero(fill_hu):
     hu = np.full((20, 64, 64), fill_hu, dtype=np.int16)

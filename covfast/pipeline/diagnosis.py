@@ -71,7 +71,8 @@ import torch.nn.functional as F
 from covfast.errors import ModelNotInstalledError
 from covfast.instances import PROB_THRESHOLD, extract_instances
 from covfast.nn.affinity import CLASSES, pool_rois, select_rois
-from covfast.pipeline.infection import WEIGHTS_DIR, bounding_box, lung_crop, window_hu
+from covfast.pipeline.infection import WEIGHTS_DIR, lung_crop, window_hu
+from covfast.pipeline.morphology import bounding_box
 
 MODEL_NAME = "affinity"
 FEATURE_STRIDE = 8

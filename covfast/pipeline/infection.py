@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from covfast.errors import ModelNotInstalledError, UsageError
+from covfast.pipeline.morphology import bounding_box
 from covfast.pipeline.severity import PROBABILITY_THRESHOLD
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -412,13 +413,6 @@ def predict_slices(models: dict, slices: np.ndarray, device: str = "cpu", batch_
             if class_prob is not None:
                 class_probs.append(_resize(class_prob, size).cpu().numpy())
     return np.concatenate(probs), (np.concatenate(class_probs) if class_probs else None)
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
-    """The smallest box holding every nonzero voxel of a non-empty [D, H, W] mask, as slices."""
-    return tuple(
-        slice(idx[0], idx[-1] + 1) for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-    )
 
 
 def drop_small_components(mask: np.ndarray, prob: np.ndarray, spacing_mm, min_ml: float) -> int:

@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The smallest box holding every nonzero voxel of a non-empty [D, H, W] mask, as slices."""
+    return tuple(
+        slice(int(idx[0]), int(idx[-1]) + 1)
+        for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    )
+
+
 def _to_torch(array: np.ndarray, device: str) -> torch.Tensor:
     """[D, H, W] bool or uint8 array -> [D, H, W] float tensor on ``device``."""
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
@@ -93,7 +101,15 @@ def union_closing(mask: np.ndarray, sizes: list[tuple[int, int, int]], backend: 
 def cross_dilation(labels: np.ndarray, backend: str = "scipy") -> np.ndarray:
     """[D, H, W] grey dilation of a non-negative [D, H, W] uint8 array by the 3D 6-connected cross."""
     if backend == "scipy":
-        return ndi.grey_dilation(labels, footprint=ndi.generate_binary_structure(3, 1))
+        # Each voxel takes the maximum of itself and its six face neighbours: six shifted maxima, several times faster
+        # than ``ndi.grey_dilation`` with the cross footprint, and equal to it (its ``reflect`` edges add nothing).
+        grown = labels.copy()
+        for axis in range(3):
+            later = tuple(slice(1, None) if a == axis else slice(None) for a in range(3))
+            earlier = tuple(slice(None, -1) if a == axis else slice(None) for a in range(3))
+            np.maximum(grown[later], labels[earlier], out=grown[later])
+            np.maximum(grown[earlier], labels[later], out=grown[earlier])
+        return grown
     x = _to_torch(labels, backend)[None, None]  # [1, 1, D, H, W]
     grown = torch.maximum(
         torch.maximum(
