@@ -11,7 +11,8 @@
 # benchmarks/lungmask_unet_gpu.py). Steps run under time limits so that the call ends inside the tool's 10
 # minutes; after each step everything so far is packed into $OUT/gpu_session.tar.gz, so a cut-off call still
 # returns what it measured. Steps that fail are logged and the next step still runs.
-# STEPS (a space-separated list, default all) picks steps: build tests e2e lungmask folder ops. E2E_CONFIGS
+# STEPS (a space-separated list, default all but profile) picks steps: build tests e2e lungmask folder ops profile
+# (profile: cProfile and torch.profiler tables of one warm run on the timing volume, where a stage's time goes). E2E_CONFIGS
 # (comma-separated "engine precision [--no-ensemble]"), FOLDER_VOLUMES (default 16) and FOLDER_WORKERS (default "1 auto") narrow the e2e and folder steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/covfast-gpu-session}
@@ -44,7 +45,7 @@ if want tests; then
 fi
 
 VOL="$WORK/p001_size.nii.gz"
-if want e2e || want lungmask || want folder; then
+if want e2e || want lungmask || want folder || want profile; then
     python3 benchmarks/make_timing_volume.py "$VOL" >>"$WORK/session.log" 2>&1 || log "timing volume failed"
 fi
 
@@ -98,6 +99,15 @@ if want ops; then
             || log "bench $suite failed"
         pack
     done
+fi
+
+if want profile; then
+    log "profile of one warm run (cProfile, torch.profiler)"
+    timeout 150 python3 benchmarks/profile_e2e.py "$VOL" --device cuda --engine torch --batch-size 32 --top 40 \
+        --out "$WORK/profile_cprofile.txt" --torch-profiler "$WORK/profile_torch.txt" >/dev/null 2>"$WORK/profile.log" \
+        || log "profile failed"
+    head -n 1 "$WORK/profile_cprofile.txt" | tee -a "$WORK/session.log"
+    pack
 fi
 
 log "done"

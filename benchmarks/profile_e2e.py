@@ -1,11 +1,14 @@
 """Where the time of one ``covfast infer`` run goes: cProfile of the whole pipeline after a warm-up run.
 
     python benchmarks/profile_e2e.py VOLUME [--device cuda] [--batch-size N] [--top 45] [--out FILE.txt]
+        [--torch-profiler FILE.txt]
 
 The warm-up pays imports, model loading and autotuning; the profiled run is the steady state that ``covfast
 benchmark`` times. On a GPU, time spent waiting for kernels shows up at the synchronising calls (``.cpu()``,
 ``.item()``, ``torch.cuda.synchronize``). Printed: the report's ``timings_s``, then the functions with the largest
-cumulative and own time.
+cumulative and own time. ``--torch-profiler`` profiles a third run with ``torch.profiler`` (CPU and, on a GPU, CUDA
+activity) and writes its operator table twice, sorted by own CPU time and by own device time: how much of a stage
+is kernels, launches and host-device copies.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--out", help="also write the text here")
+    parser.add_argument("--torch-profiler", metavar="FILE", help="also write torch.profiler's operator tables here")
     args = parser.parse_args()
 
     from covfast.api import infer
@@ -46,6 +50,8 @@ def main() -> None:
         profiler.enable()
         result = run()
         profiler.disable()
+        if args.torch_profiler:
+            write_torch_profile(run, args.device, args.top, Path(args.torch_profiler))
     text = io.StringIO()
     text.write(json.dumps(result.report["timings_s"]) + "\n")
     for key in ("cumulative", "tottime"):
@@ -53,6 +59,22 @@ def main() -> None:
     print(text.getvalue())
     if args.out:
         Path(args.out).write_text(text.getvalue())
+
+
+def write_torch_profile(run, device: str, top: int, path: Path) -> None:
+    """One more ``run()`` under torch.profiler; its operator tables (by own CPU time, by own device time) to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        result = run()
+    averages = prof.key_averages()
+    sections = [json.dumps(result.report["timings_s"]), averages.table(sort_by="self_cpu_time_total", row_limit=top)]
+    if device == "cuda":
+        sections.append(averages.table(sort_by="self_cuda_time_total", row_limit=top))
+    del torch
+    path.write_text("\n\n".join(sections) + "\n")
 
 
 if __name__ == "__main__":
