@@ -12,7 +12,7 @@ from training.augment import AugmentConfig, augment
 from training.check_volumes import slice_flag_scores
 from training.data import SliceSet, cv_folds
 from training.loops import OptimConfig, predict, train_inpainting, train_segmentation
-from training.losses import box_mean, edge_target, multiclass_loss, structure_loss
+from training.losses import box_mean, edge_target, lovasz_hinge, multiclass_loss, structure_loss
 from training.negatives import clean_slices
 from training.recipes import _with_negatives, init_from, load_recipe
 
@@ -50,6 +50,22 @@ def test_structure_loss_ignores_invalid_pixels():
     assert structure_loss(logits, target, valid) == pytest.approx(
         float(structure_loss((target * 2 - 1) * 8, target, torch.ones_like(target))), abs=1e-3
     )
+
+
+def test_lovasz_hinge_is_the_jaccard_loss_on_unit_errors():
+    """At hinge errors of exactly 0 or 1 the Lovasz extension equals the Jaccard loss of the mispredicted pixels:
+    (false negatives + false positives) / (target + false positives)."""
+    generator = torch.Generator().manual_seed(3)
+    truth = (torch.rand(2, 1, 12, 12, generator=generator) > 0.6).float()
+    wrong = (torch.rand(2, 1, 12, 12, generator=generator) > 0.8).float()
+    logits = (2 * truth - 1) * (1 - wrong)  # hinge error 1 - logit * sign = wrong
+    loss = lovasz_hinge(logits, truth, torch.ones_like(truth))
+    fn, fp = (wrong * truth).sum(dim=(1, 2, 3)), (wrong * (1 - truth)).sum(dim=(1, 2, 3))
+    expected = ((fn + fp) / (truth.sum(dim=(1, 2, 3)) + fp)).mean()
+    assert torch.allclose(loss, expected)
+    # Ignored pixels do not count; a confident, right map scores 0.
+    assert float(lovasz_hinge(logits, truth, 1 - wrong)) == 0.0
+    assert float(lovasz_hinge((2 * truth - 1) * 4, truth, torch.ones_like(truth))) == 0.0
 
 
 def test_edge_target_is_the_boundary_band():

@@ -23,7 +23,7 @@ from covfast.evaluate import binary_metrics, multiclass_metrics
 from covfast.nn import InfNetOutput
 from covfast.nn.preprocess import PIXEL_MEAN, PIXEL_STD
 from training.augment import AugmentConfig, augment
-from training.losses import infnet_loss, multiclass_loss, reconstruction_loss, structure_loss
+from training.losses import infnet_loss, lovasz_hinge, multiclass_loss, reconstruction_loss, structure_loss
 
 
 @dataclass
@@ -37,6 +37,9 @@ class OptimConfig:
     ``ema`` > 0 keeps an exponential moving average of the weights and batch-norm statistics with that decay
     (warmed up as min(ema, (1 + step) / (10 + step))); :func:`train_segmentation` returns the model holding the
     average and the last weights in ``TrainLog.raw_state``.
+
+    ``lovasz`` > 0 adds that weight times the Lovasz hinge (:func:`training.losses.lovasz_hinge`) of the single-class
+    prediction map to the loss.
     """
 
     steps: int = 1000
@@ -47,6 +50,7 @@ class OptimConfig:
     ckpt_every: int = 500
     cpu_bf16: bool = False
     ema: float = 0.0
+    lovasz: float = 0.0
 
 
 @dataclass
@@ -163,13 +167,17 @@ def segmentation_targets(targets_u8: torch.Tensor, task: str, soft: bool) -> tor
     return targets_u8.float() / 255.0 if soft else targets_u8.float()
 
 
-def segmentation_loss(model_out, target: torch.Tensor, valid: torch.Tensor, task: str) -> torch.Tensor:
-    """The loss of the model's output type: Inf-Net deep supervision, multi-class, or a single map."""
+def segmentation_loss(model_out, target: torch.Tensor, valid: torch.Tensor, task: str, lovasz: float = 0.0
+                      ) -> torch.Tensor:
+    """The loss of the model's output type: Inf-Net deep supervision, multi-class, or a single map; plus ``lovasz``
+    times the Lovasz hinge of the single-class prediction map when ``lovasz`` > 0."""
     if isinstance(model_out, InfNetOutput):
-        return infnet_loss(model_out, target, valid)
-    if task == "multiclass":
+        loss, prediction = infnet_loss(model_out, target, valid), model_out.prediction
+    elif task == "multiclass":
         return multiclass_loss(model_out, target, valid)
-    return structure_loss(model_out, target, valid)
+    else:
+        loss, prediction = structure_loss(model_out, target, valid), model_out
+    return loss + lovasz * lovasz_hinge(prediction, target, valid) if lovasz > 0 else loss
 
 
 def train_segmentation(
@@ -230,7 +238,7 @@ def train_segmentation(
         else:
             valid = torch.ones_like(y[:, :1])
         with _autocast(device, opt):
-            loss = segmentation_loss(model(_memory_format(standardize(x), channels_last)), y, valid, task)
+            loss = segmentation_loss(model(_memory_format(standardize(x), channels_last)), y, valid, task, opt.lovasz)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

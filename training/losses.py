@@ -80,6 +80,38 @@ def infnet_loss(out: InfNetOutput, target: torch.Tensor, valid: torch.Tensor) ->
     return loss + edge
 
 
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Lovasz hinge (Berman et al., CVPR 2018): a convex surrogate of 1 - IoU of the mask ``logits > 0``, per image.
+
+    Each image's hinge errors 1 - logit * sign (sign +1 on the target, -1 off it) are sorted, and each error weighs as
+    much as it moves the Jaccard loss of the mask made by the pixels above it: the gradient of the Lovasz extension of
+    the Jaccard loss. Unlike the soft IoU of :func:`structure_loss`, it optimises the thresholded mask's IoU.
+
+    Args:
+        logits: [B, 1, H, W] float logits.
+        target: [B, 1, H, W] target in [0, 1], binarised at 0.5.
+        valid: [B, 1, H, W] float, 0 where pixels are ignored (cutouts).
+
+    Returns:
+        scalar float32, mean over the batch (an image without target pixels scores its largest hinge error).
+    """
+    logits, truth = logits.float().flatten(1), (target.flatten(1) >= 0.5).float()
+    keep = valid.flatten(1) > 0
+    losses = []
+    for image_logits, image_truth, image_keep in zip(logits, truth, keep):
+        scores, labels = image_logits[image_keep], image_truth[image_keep]
+        if scores.numel() == 0:
+            continue
+        errors = 1.0 - scores * (2.0 * labels - 1.0)
+        errors, order = torch.sort(errors, descending=True)
+        labels = labels[order]
+        positives = labels.sum()
+        jaccard = 1.0 - (positives - labels.cumsum(0)) / (positives + (1.0 - labels).cumsum(0))
+        weights = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        losses.append(torch.dot(F.relu(errors), weights))
+    return torch.stack(losses).mean() if losses else logits.sum() * 0.0
+
+
 def multiclass_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Cross entropy plus soft Dice of the two lesion classes.
 
