@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -62,6 +63,7 @@ def main() -> None:
 
     import torch
 
+    from covfast.info import cpu_name
     from covfast.io.inputs import load_volume
     from covfast.pipeline import lung
 
@@ -92,8 +94,8 @@ def main() -> None:
                                 text=True).stdout.strip()
         Path(args.json).write_text(json.dumps({
             "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv), "commit": commit,
-            "reference": args.reference, "runs": args.runs, "machine": platform.processor() or platform.machine(),
-            "cpus": torch.get_num_threads(), "python": platform.python_version(), "numpy": np.__version__,
+            "reference": args.reference, "runs": args.runs, "machine": cpu_name(),
+            "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "python": platform.python_version(), "numpy": np.__version__,
             "results": rows,
         }, indent=1) + "\n")
 

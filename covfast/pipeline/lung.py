@@ -329,8 +329,10 @@ def _split_joined_lungs(lungs: np.ndarray, image_centre_w: float | None = None) 
         [D, H, W] uint8 labels 0/1/2.
     """
     width = lungs.shape[2]
-    columns = np.nonzero(lungs.any(axis=(0, 1)))[0]
-    midline = round(float(np.nonzero(lungs)[2].mean()))
+    per_column = np.count_nonzero(lungs, axis=(0, 1))
+    columns = np.flatnonzero(per_column)
+    # The mean column of the lung voxels (an exact integer sum over the count, as the mean of their indices).
+    midline = round(float(int(per_column @ np.arange(width)) / int(per_column.sum())))
     half_band = max(1, int(0.15 * (columns[-1] - columns[0] + 1)))
     lo, hi = max(0, midline - half_band), min(width, midline + half_band + 1)
     labels = np.zeros(lungs.shape, dtype=np.uint8)
