@@ -63,7 +63,6 @@ def main() -> None:
 
 def write_torch_profile(run, device: str, top: int, path: Path) -> None:
     """One more ``run()`` under torch.profiler; its operator tables (by own CPU time, by own device time) to ``path``."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -73,7 +72,6 @@ def write_torch_profile(run, device: str, top: int, path: Path) -> None:
     sections = [json.dumps(result.report["timings_s"]), averages.table(sort_by="self_cpu_time_total", row_limit=top)]
     if device == "cuda":
         sections.append(averages.table(sort_by="self_cuda_time_total", row_limit=top))
-    del torch
     path.write_text("\n\n".join(sections) + "\n")
 
 

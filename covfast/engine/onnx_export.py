@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 import covfast
+from covfast.io.atomic import atomic_write
 from covfast.nn.preprocess import INPUT_SIZE
 
 OPSET = 17
@@ -195,9 +195,7 @@ def export_onnx(
         raise RuntimeError(f"exported graph uses non-standard ONNX domains {foreign}; TensorRT cannot parse it")
     data = proto.SerializeToString()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # per process: workers may export at once
-    partial.write_bytes(data)
-    partial.replace(path)
+    atomic_write(path, lambda file: file.write(data))  # a unique temporary name: workers may export at once
     return {"path": str(path), "onnx_sha256": hashlib.sha256(data).hexdigest(),
             "seconds": time.perf_counter() - start, "metadata": metadata}
 

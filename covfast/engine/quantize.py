@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from covfast.engine.onnx_export import INPUT_NAME, read_metadata
+from covfast.io.atomic import atomic_write
 
 # Bump when the quantization settings below change: cached int8 files are then made again.
 QUANT_VERSION = "1"
@@ -127,9 +127,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, inputs: np.ndarra
         proto = onnx.load(str(quantized))
         found = {**read_metadata(fp32_path), **metadata}
         onnx.helper.set_model_props(proto, found)
-        partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")  # per process
-        partial.write_bytes(proto.SerializeToString())
-        partial.replace(out_path)
+        atomic_write(out_path, lambda file: file.write(proto.SerializeToString()))
     return {"path": str(out_path), "seconds": time.perf_counter() - start, "metadata": found}
 
 

@@ -34,7 +34,7 @@ from covfast.engine.onnx_export import (
     read_metadata,
 )
 from covfast.engine.quantize import cpu_has_vnni, ensure_int8_onnx
-from covfast.errors import UsageError
+from covfast.errors import OutputError, UsageError
 
 ENGINES = ("auto", "torch", "onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -308,9 +308,9 @@ def select_engine(
             if kind == "onnx" or precision == "int8":
                 raise UsageError(f"--engine onnx needs onnx and onnxruntime (pip install covfast[onnx]): {exc}") from None
             skipped.append(("onnx", f"onnx/onnxruntime not installed ({exc})"))
-        except OSError as exc:
-            reason = (f"cannot write the ONNX files to {cache_dir} ({exc.strerror or exc}); set COVFAST_ENGINE_DIR to "
-                      "a writable folder")
+        except (OSError, OutputError) as exc:
+            problem = exc.problem if isinstance(exc, OutputError) else exc.strerror or exc
+            reason = f"cannot write the ONNX files to {cache_dir} ({problem}); set COVFAST_ENGINE_DIR to a writable folder"
             if kind == "onnx" or precision == "int8":
                 raise UsageError(f"--engine onnx: {reason}") from None
             log.warning("%s: onnxruntime passed over (torch on the CPU is slower): %s", model_file.stem, reason)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from covfast.errors import CovfastError
+from covfast.io.atomic import atomic_write
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 MAGIC = b"COVFAST-TRT\n"
@@ -117,11 +117,12 @@ def write_engine_file(path: str | Path, key: EngineKey, plan: bytes) -> None:
     header = json.dumps({"key": key.to_dict(), "plan_sha256": hashlib.sha256(plan).hexdigest()},
                         sort_keys=True).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # per process: workers may export at once
-    with open(partial, "wb") as fh:
-        fh.write(MAGIC + _LENGTH.pack(len(header)) + header)
-        fh.write(plan)
-    partial.replace(path)
+
+    def write(file) -> None:
+        file.write(MAGIC + _LENGTH.pack(len(header)) + header)
+        file.write(plan)
+
+    atomic_write(path, write)
 
 
 def read_engine_key(path: str | Path) -> EngineKey:
