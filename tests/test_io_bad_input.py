@@ -70,13 +70,40 @@ def test_missing_path(tmp_path):
     [
         ("notes.nii.gz", b"plain text, not a volume"),
         ("picture.nii", b"\x89PNG\r\n\x1a\n" + b"\0" * 400),
-        ("empty.nii", b""),
     ],
 )
 def test_neither_nifti_nor_dicom(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
     expect_input_error(tmp_path, lambda: load_volume(path), path, "neither a NIfTI file", "nor a DICOM")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.nii.gz"
+    path.write_bytes(b"")
+    expect_input_error(tmp_path, lambda: load_volume(path), path, "empty file (0 bytes)")
+
+
+def without_orientation(path: Path, zooms) -> Path:
+    """A NIfTI-1 with qform and sform codes 0 (only pixdim gives the grid) holding a small non-blank volume."""
+    image = nib.Nifti1Image(unique_hu((6, 7, 8)), None)
+    image.header["pixdim"][1:4] = zooms
+    nib.save(image, path)
+    return path
+
+
+def test_no_orientation_and_no_voxel_size(tmp_path, capfd):
+    path = without_orientation(tmp_path / "bare.nii.gz", [0.7, 0.7, 0.0])
+    expect_input_error(tmp_path, lambda: load_volume(path), path, "no voxel size", "no qform or sform")
+    assert capfd.readouterr().err == ""  # nibabel's own header-fix log line stays quiet
+
+
+def test_no_orientation_is_loaded_with_a_warning(tmp_path):
+    volume = load_volume(without_orientation(tmp_path / "bare.nii.gz", [0.7, 0.8, 2.5]))
+    assert volume.spacing_mm == pytest.approx((2.5, 0.8, 0.7), abs=1e-6)  # canonical (D, H, W)
+    assert any("no orientation" in w and "right and left may be swapped" in w for w in volume.warnings)
+    oriented = load_volume(write_nifti(tmp_path / "ras.nii.gz", unique_hu((6, 7, 8)), RAS))
+    assert not any("no orientation" in w for w in oriented.warnings)
 
 
 def test_gzip_that_is_not_nifti(tmp_path):

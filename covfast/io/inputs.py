@@ -48,6 +48,8 @@ def _load(path, series: str | None, max_voxels: int) -> Volume:
             head = file.read(DICOM_PREAMBLE + len(DICOM_MAGIC))
     except OSError as exc:
         raise InputError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if not head:
+        raise InputError(path, "is an empty file (0 bytes)")
     if head[:2] == GZIP_MAGIC or nifti_header_class(head) is not None:
         return load_nifti(target, max_voxels=max_voxels)
     if head[DICOM_PREAMBLE:] == DICOM_MAGIC:

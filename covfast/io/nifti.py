@@ -7,8 +7,10 @@ the only full-size allocation is the canonical HU array itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import zlib
 from pathlib import Path
 
@@ -55,6 +57,18 @@ def _read_head(path: Path, compressed: bool) -> bytes:
         raise InputError(path, f"is a corrupt or truncated gzip file ({exc})") from None
 
 
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """Silence nibabel's header-fix log lines (they would break covfast's one-line messages)."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _parse_header(path: Path, head: bytes):
     """Parse and validate a NIfTI header from the file's first bytes.
 
@@ -67,7 +81,14 @@ def _parse_header(path: Path, head: bytes):
     if len(head) < header_class.template_dtype.itemsize:
         raise InputError(path, f"is truncated: {len(head)} bytes, shorter than a NIfTI header")
     try:
-        header = header_class.from_fileobj(io.BytesIO(head), check=True)
+        raw = header_class.from_fileobj(io.BytesIO(head), check=False)
+        if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0 and not np.all(raw["pixdim"][1:4] > 0):
+            # With neither orientation matrix the voxel sizes come from pixdim alone; nibabel would take 1 mm.
+            raise InputError(path, f"has no voxel size: pixdim {[round(float(v), 4) for v in raw['pixdim'][1:4]]} holds zero or "
+                                   "negative values and there is no qform or sform")
+        # nibabel's header check fixes small defects and logs each to stderr; the message above covers what matters.
+        with _quiet_nibabel():
+            header = header_class.from_fileobj(io.BytesIO(head), check=True)
     except (HeaderDataError, ValueError, TypeError) as exc:
         raise InputError(path, f"has an invalid NIfTI header ({exc})") from None
     magic = bytes(header["magic"])
@@ -163,6 +184,13 @@ def load_nifti(path, max_voxels: int) -> Volume:
     slope, inter = _slope_inter(header)
     hu = to_canonical_hu(path, source, affine, slope, inter)
     spacing_mm, z_mm = grid_geometry(affine, source.shape)
+    warnings = []
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        warnings.append(
+            "the NIfTI header has no orientation (qform and sform codes are 0): the voxel axes were read in "
+            "Analyze's default order (x toward the patient's left, y toward anterior, z toward superior), so right "
+            "and left may be swapped; check preview.png"
+        )
     return Volume(
         hu=hu,
         spacing_mm=spacing_mm,
@@ -175,6 +203,7 @@ def load_nifti(path, max_voxels: int) -> Volume:
         qform_code=int(header["qform_code"]),
         sform_code=int(header["sform_code"]),
         source_header=header,
+        warnings=warnings,
     )
 
 
