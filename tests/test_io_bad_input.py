@@ -191,6 +191,27 @@ def test_windowed_8bit_dicom(tmp_path):
     expect_input_error(tmp_path, lambda: load_volume(folder), folder, "windowed 8-bit export")
 
 
+def rewrite_dicom(folder: Path, change) -> None:
+    """Apply ``change(dataset)`` to every file of a DICOM folder."""
+    import pydicom
+
+    for path in folder.iterdir():
+        dataset = pydicom.dcmread(path)
+        change(dataset)
+        dataset.save_as(path)
+
+
+def test_dicom_not_ct_or_no_pixel_spacing(tmp_path):
+    folder = tmp_path / "mr"
+    write_dicom_series(folder, unique_hu((4, 5, 6)))
+    rewrite_dicom(folder, lambda d: setattr(d, "Modality", "MR"))
+    expect_input_error(tmp_path, lambda: load_volume(folder), folder, "is a MR series, not CT")
+    rewrite_dicom(folder, lambda d: setattr(d, "Modality", "CT"))
+    assert load_volume(folder).hu.shape == (4, 5, 6)
+    rewrite_dicom(folder, lambda d: delattr(d, "PixelSpacing"))
+    expect_input_error(tmp_path, lambda: load_volume(folder), folder, "no PixelSpacing")
+
+
 def test_dicom_missing_slices(tmp_path):
     folder = tmp_path / "gap"
     write_dicom_series(folder, unique_hu((8, 4, 4)), spacing=(2.0, 1.0, 1.0), skip=(4, 5))

@@ -173,6 +173,10 @@ def _order_slices(folder: Path, members) -> tuple[list, np.ndarray, np.ndarray, 
     return members, row_cosine, column_cosine, positions
 
 
+# Imaging modalities whose pixels are not Hounsfield units (CT, and OT / SC exports of CT, are let through).
+_NOT_CT = frozenset({"MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "IO", "PX", "OP", "SM", "ES"})
+
+
 def _check_pixels(folder: Path, members) -> tuple[int, int]:
     """Check every slice has the same single-channel, single-frame geometry; refuse windowed 8-bit exports.
 
@@ -180,6 +184,11 @@ def _check_pixels(folder: Path, members) -> tuple[int, int]:
         ``(rows, columns)``.
     """
     first = members[0][1]
+    modality = str(first.get("Modality", "") or "").upper()
+    if modality in _NOT_CT:
+        raise InputError(folder, f"is a {modality} series, not CT: covfast needs CT in Hounsfield units")
+    if "PixelSpacing" not in first:
+        raise InputError(folder, "series has no PixelSpacing: the in-plane voxel size is unknown")
     rows, columns = int(first.Rows), int(first.Columns)
     for _, dataset in members:
         if (int(dataset.Rows), int(dataset.Columns)) != (rows, columns):
@@ -291,7 +300,7 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
 
     Raises:
         InputError: no image series, unknown ``series``, missing or duplicate slices, mixed geometry, too many
-            voxels, undecodable pixels, or a windowed 8-bit export.
+            voxels, undecodable pixels, a windowed 8-bit export, a non-CT modality or no PixelSpacing.
     """
     folder_path = Path(folder)
     images, warnings = _read_images(folder_path)
