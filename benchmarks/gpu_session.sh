@@ -13,7 +13,7 @@
 # returns what it measured. Steps that fail are logged and the next step still runs.
 # STEPS (a space-separated list, default all but profile) picks steps: build tests e2e lungmask folder ops profile
 # (profile: cProfile and torch.profiler tables of one warm run on the timing volume, where a stage's time goes). E2E_CONFIGS
-# (comma-separated "engine precision [--no-ensemble]"), FOLDER_VOLUMES (default 16) and FOLDER_WORKERS (default "1 auto") narrow the e2e and folder steps.
+# (comma-separated "engine precision [more benchmark options, e.g. --no-ensemble or --batch-size 8]"), FOLDER_VOLUMES (default 16) and FOLDER_WORKERS (default "1 auto") narrow the e2e and folder steps.
 set -uo pipefail
 OUT=${OUT:-/tmp/covfast-gpu-session}
 STEPS=${STEPS:-"build tests e2e lungmask folder ops"}
@@ -51,11 +51,14 @@ fi
 
 if want e2e; then
     log "end to end on a P001-sized volume"
-    IFS=, read -ra configs <<<"${E2E_CONFIGS:-torch fp16,torch fp32,torch bf16,onnx fp32,torch fp16 --no-ensemble}"
+    # "torch fp16 --batch-size 8" is the batch size the GPU ran before the default became 32 (session 20).
+    IFS=, read -ra configs <<<"${E2E_CONFIGS:-torch fp16,torch fp16 --batch-size 8,torch fp32,onnx fp32,torch fp16 --no-ensemble}"
     for config in "${configs[@]}"; do
         set -- $config
-        name="e2e_cuda_${1}_${2}${3:+_no_ensemble}"
-        timeout 120 python3 -m covfast benchmark "$VOL" --device cuda --engine "$1" --precision "$2" ${3:-} --runs 5 \
+        extra="${*:3}"
+        name="e2e_cuda_${1}_${2}"
+        [[ -n "$extra" ]] && name+="_$(echo "$extra" | tr -cs 'a-z0-9' '_' | sed 's/^_*//; s/_*$//')"
+        timeout 120 python3 -m covfast benchmark "$VOL" --device cuda --engine "$1" --precision "$2" $extra --runs 5 \
             --json "$WORK/$name.json" >"$WORK/$name.txt" 2>&1 || log "$name failed"
         grep -E "end_to_end|peak" "$WORK/$name.txt" | tr '\n' ' ' | sed "s/^/$name: /" | tee -a "$WORK/session.log"; echo
         pack
@@ -103,7 +106,7 @@ fi
 
 if want profile; then
     log "profile of one warm run (cProfile, torch.profiler)"
-    timeout 150 python3 benchmarks/profile_e2e.py "$VOL" --device cuda --engine torch --batch-size 32 --top 40 \
+    timeout 150 python3 benchmarks/profile_e2e.py "$VOL" --device cuda --engine torch --top 40 \
         --out "$WORK/profile_cprofile.txt" --torch-profiler "$WORK/profile_torch.txt" >/dev/null 2>"$WORK/profile.log" \
         || log "profile failed"
     head -n 1 "$WORK/profile_cprofile.txt" | tee -a "$WORK/session.log"

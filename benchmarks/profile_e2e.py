@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("volume")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--engine", default="auto")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on the CPU, 32 on a GPU")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--out", help="also write the text here")
     parser.add_argument("--torch-profiler", metavar="FILE", help="also write torch.profiler's operator tables here")

@@ -61,7 +61,7 @@ def run_benchmark(
     runs: int = 3,
     device: str = "auto",
     engine: str = "auto",
-    batch_size: int = 8,
+    batch_size: int | None = None,
     command: str | None = None,
     precision: str | None = None,
     tta: str | None = None,
@@ -74,7 +74,7 @@ def run_benchmark(
         runs: timed runs (at least 1).
         device: ``auto``, ``cpu`` or ``cuda``.
         engine: inference engine of the infection networks (see :func:`covfast.infer`).
-        batch_size: slices per network batch.
+        batch_size: slices per network batch; None: 8 on the CPU, 32 on a GPU.
         command: the command line to record (default: this process's ``sys.argv``).
         precision: network precision (see :func:`covfast.infer`).
         tta: test-time augmentation (see :func:`covfast.infer`).
@@ -94,11 +94,12 @@ def run_benchmark(
 
     from covfast.api import infer
     from covfast.errors import UsageError
-    from covfast.pipeline.run import resolve_device
+    from covfast.pipeline.run import resolve_batch_size, resolve_device
 
     if runs < 1:
         raise UsageError(f"--runs must be at least 1, got {runs}")
     device = resolve_device(device)
+    batch_size = resolve_batch_size(batch_size, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     measured = []
@@ -123,6 +124,7 @@ def run_benchmark(
         "input": {"path": str(path), "shape": report["input"]["shape"], "kind": report["input"]["kind"]},
         "runs": runs,
         "warmup_runs": 1,
+        "batch_size": batch_size,
         "stages": stages,
         "peak_host_rss_mb": rss_kb / 1024,
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
@@ -142,7 +144,8 @@ def format_benchmark(result: dict) -> str:
     engines = ", ".join(f"{name} {used['engine']}" for name, used in result["engine"].items()) or "no network"
     lines = [
         f"covfast benchmark: {result['input']['path']} ({shape}), {result['runs']} runs after 1 warm-up",
-        f"device: {result['device']['kind']} ({result['device']['name']}); engines: {engines}",
+        (f"device: {result['device']['kind']} ({result['device']['name']}); engines: {engines}; "
+         f"batch {result.get('batch_size', '?')}"),
         "",
         f"{'stage':<12}{'median s':>10}{'min s':>10}",
     ]

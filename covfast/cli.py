@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("--tta", choices=TTA_CHOICES, help=TTA_HELP)
     infer.add_argument("--no-ensemble", action="store_true", help=NO_ENSEMBLE_HELP)
-    infer.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
+    infer.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                       help="slices per network batch (default: 8 on the CPU, 32 on a GPU)")
     infer.add_argument(
         "--infection-mask",
         metavar="PATH",
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", choices=PRECISION_CHOICES, help="as for covfast infer")
     bench.add_argument("--tta", choices=TTA_CHOICES, help="as for covfast infer")
     bench.add_argument("--no-ensemble", action="store_true", help="as for covfast infer")
-    bench.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="slices per network batch")
+    bench.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                       help="slices per network batch (default: 8 on the CPU, 32 on a GPU)")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.set_defaults(func=cmd_benchmark)
 

@@ -39,6 +39,7 @@ def test_benchmark_tiny_input_writes_table_and_json(tiny_input, tmp_path, capsys
     assert result["command"] == (f"covfast benchmark {tiny_input} --runs 1 --device cpu --engine torch "
                                  f"--json {out}")
     assert result["runs"] == 1 and result["warmup_runs"] == 1
+    assert result["batch_size"] == 8 and "batch 8" in table  # the CPU default
     assert result["input"]["shape"][2] == 4
     stages = result["stages"]
     assert set(stages) == {*STAGES, "end_to_end"}

@@ -323,7 +323,7 @@ def test_workers_option(capsys):
     assert 1 <= default_workers("cuda", 2) <= 2
     api = sys.modules["covfast.api"]
     cases = [(16, 100.0, 80.0, 32, 12), (16, 10.0, 80.0, 32, 3), (16, None, None, 5, 5), (2, 8.0, 80.0, 9, 1),
-             (16, 100.0, 8.0, 32, 4)]
+             (16, 100.0, 8.0, 32, 2)]  # an 8 GB GPU holds two workers at 3 GB
     for cores, memory, gpu_memory, inputs, expected in cases:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(api, "_cores", lambda cores=cores: cores)
@@ -489,3 +489,11 @@ def test_summary_line_names_the_infection_pattern_from_10_ml():
     assert "central" not in _summary_line("scan", report, Path("o"))
     report["distribution"] = None
     assert "CT1, looks covid" in _summary_line("scan", report, Path("o"))
+
+
+def test_batch_size_defaults_by_device():
+    from covfast.pipeline.run import DEFAULT_BATCH_SIZE, resolve_batch_size
+
+    assert resolve_batch_size(None, "cpu") == DEFAULT_BATCH_SIZE["cpu"] == 8
+    assert resolve_batch_size(None, "cuda") == DEFAULT_BATCH_SIZE["cuda"] == 32
+    assert resolve_batch_size(5, "cuda") == 5 and resolve_batch_size(5, "cpu") == 5

@@ -412,7 +412,7 @@ class _AsymmetricEngine:
         self.channels = channels
 
     def run_tensor(self, x):
-        ramp = torch.linspace(0, 1, x.shape[-1]) * torch.linspace(1, 2, x.shape[-2])[:, None]
+        ramp = torch.linspace(0, 1, x.shape[-1], device=x.device) * torch.linspace(1, 2, x.shape[-2], device=x.device)[:, None]
         out = torch.sigmoid(x[:, :1] * ramp + x[:, -1:])
         return out.expand(-1, self.channels, -1, -1).clone()
 
@@ -420,14 +420,15 @@ class _AsymmetricEngine:
         return self.run_tensor(x), x[:, :1, ::8, ::8] * 3
 
 
+@pytest.mark.parametrize("one_batch", [None, False, True])
 @pytest.mark.parametrize("tta", ["h", "hv"])
-def test_tta_runners_average_the_flipped_passes(tta):
+def test_tta_runners_average_the_flipped_passes(tta, one_batch):
     from covfast.pipeline.infection import _runners
 
     single, multi = _AsymmetricEngine(1), _AsymmetricEngine(3)
     x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
     flips = [(-1,)] + ([(-2,)] if tta == "hv" else [])
-    runners = _runners({"infnet": single, "infnet_multiclass": multi}, tta)
+    runners = _runners({"infnet": single, "infnet_multiclass": multi}, tta, one_batch=one_batch)
     run_single, run_multi = runners["infnet"], runners["infnet_multiclass"]
     prob, features = run_single(x[:, :1])
     expected = single.run_tensor(x[:, :1]) + sum(single.run_tensor(x[:, :1].flip(d)).flip(d) for d in flips)
@@ -436,7 +437,7 @@ def test_tta_runners_average_the_flipped_passes(tta):
     torch.testing.assert_close(features, x[:, :1, ::8, ::8] * 3)  # the unflipped pass's features
     expected = multi.run_tensor(x) + sum(multi.run_tensor(x.flip(d)).flip(d) for d in flips)
     torch.testing.assert_close(run_multi(x), expected / (len(flips) + 1))
-    plain = _runners({"infnet": single, "infnet_multiclass": multi}, "none")
+    plain = _runners({"infnet": single, "infnet_multiclass": multi}, "none", one_batch=one_batch)
     torch.testing.assert_close(plain["infnet"](x[:, :1])[0], single.run_tensor(x[:, :1]))
     torch.testing.assert_close(plain["infnet_multiclass"](x), multi.run_tensor(x))
 
@@ -455,6 +456,58 @@ def test_partner_runs_with_its_own_tta(monkeypatch):
     assert not torch.allclose(runners[SINGLE_CLASS](x)[0], single.run_tensor(x))  # the Inf-Net still flips
     monkeypatch.setattr(infection, "PARTNER_TTA", None)
     torch.testing.assert_close(_runners({SINGLE_CLASS: single, PARTNER: partner}, "h")[PARTNER](x), flipped)
+
+
+class _CountingEngine(_AsymmetricEngine):
+    """Records the batch size of every call."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.calls = []
+
+    def run_tensor(self, x):
+        self.calls.append(x.shape[0])
+        return super().run_tensor(x)
+
+
+@pytest.mark.parametrize(("one_batch", "calls"), [(True, [6]), (False, [2, 2, 2]), (None, [2, 2, 2])])
+def test_tta_runners_one_batch_for_all_flips_only_when_asked_or_on_a_gpu(one_batch, calls):
+    from covfast.pipeline.infection import _runners
+
+    engine = _CountingEngine(3)
+    x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(2))
+    _runners({"infnet_multiclass": engine}, "hv", one_batch=one_batch)["infnet_multiclass"](x)
+    assert engine.calls == calls  # None on CPU inputs: one call per flip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tta_runners_default_to_one_batch_on_a_gpu():
+    from covfast.pipeline.infection import _runners
+
+    engine = _CountingEngine(3)
+    x = torch.randn(2, 2, 16, 16, device="cuda")
+    out = _runners({"infnet_multiclass": engine}, "hv")["infnet_multiclass"](x)
+    assert engine.calls == [6]
+    torch.testing.assert_close(out, _runners({"infnet_multiclass": engine}, "hv", one_batch=False)["infnet_multiclass"](x))
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")
+def test_one_batch_flips_match_separate_passes_on_the_shipped_model(sample_slab):
+    from covfast.engine.runtime import TorchEngine
+    from covfast.nn.preprocess import to_input
+    from covfast.pipeline.infection import _runners, load_models
+
+    hu, lung = sample_slab
+    views = [slice_view(hu, z, crop) for z, crop in lung_slices(lung)[:2]]
+    x = torch.cat([to_input(torch.from_numpy(v)[None, None]) for v in views])
+    engines = {name: TorchEngine(loaded.model, "cpu") for name, loaded in load_models("cpu", multiclass=False).items()}
+    apart = {name: run(x) for name, run in _runners(engines, "h", one_batch=False).items()}
+    together = {name: run(x) for name, run in _runners(engines, "h", one_batch=True).items()}
+    for name, a in apart.items():
+        b = together[name]
+        a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(u, v, rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped infnet weights")

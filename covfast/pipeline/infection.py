@@ -311,26 +311,35 @@ def multiclass_input(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, (prob - PIXEL_MEAN) / PIXEL_STD], dim=1)
 
 
-def _runners(engines: dict, tta: str = "none") -> dict[str, Callable]:
+def _runners(engines: dict, tta: str = "none", one_batch: bool | None = None) -> dict[str, Callable]:
     """What :func:`_run_networks` takes, from engines by model name (:mod:`covfast.engine.runtime`), each averaged
     over the flips of ``tta`` (:data:`TTA_CHOICES`; the partner over those of :data:`PARTNER_TTA`). The single-class
-    network's runner also returns its backbone features, those of the unflipped pass."""
+    network's runner also returns its backbone features, those of the unflipped pass. ``one_batch``: run the plain
+    and flipped slices as one batch (True) or one call each (False); None: one batch for inputs on a GPU."""
     check_tta(tta)
 
-    def flip_mean(run: Callable, x: torch.Tensor, plain: torch.Tensor, flips: tuple) -> torch.Tensor:
-        # ``plain`` = run(x); the flipped passes are flipped back before averaging.
+    def flip_mean(run: Callable, x: torch.Tensor, flips: tuple):
+        # Returns (mean probability over the plain and flipped passes, the plain pass's features or None); the flipped
+        # outputs are flipped back before averaging. On a GPU the plain and flipped slices go through the network in
+        # one batch: there the fixed cost of each call dominates at these batch sizes. On the CPU one call per flip is
+        # as fast with onnxruntime and faster with torch (P001: 17.8-19.2 s against 21.9-23.6 s for one batch).
+        n = x.shape[0]
+        if flips and (one_batch if one_batch is not None else x.device.type != "cpu"):
+            prob, features = run(torch.cat([x, *(x.flip(dims) for dims in flips)]))
+            passes = [prob[(k + 1) * n : (k + 2) * n].flip(dims) for k, dims in enumerate(flips)]
+            prob, features = prob[:n], None if features is None else features[:n]
+        else:
+            prob, features = run(x)
+            passes = [run(x.flip(dims))[0].flip(dims) for dims in flips]
         if not flips:
-            return plain
-        return (plain + sum(run(x.flip(dims)).flip(dims) for dims in flips)) / (len(flips) + 1)
+            return prob, features
+        return (prob + sum(passes)) / (len(flips) + 1), features
 
     def with_features(engine, flips: tuple) -> Callable:
-        def run(x: torch.Tensor):
-            prob, features = engine.run_with_features(x)
-            return flip_mean(engine.run_tensor, x, prob, flips), features
-        return run
+        return lambda x: flip_mean(engine.run_with_features, x, flips)
 
     def plain(engine, flips: tuple) -> Callable:
-        return lambda x: flip_mean(engine.run_tensor, x, engine.run_tensor(x), flips)
+        return lambda x: flip_mean(lambda batch: (engine.run_tensor(batch), None), x, flips)[0]
 
     def flips_of(name: str) -> tuple:
         return _TTA_FLIPS[PARTNER_TTA if name == PARTNER and PARTNER_TTA is not None else tta]
