@@ -104,6 +104,14 @@ def test_float_input_gives_the_same_labels():
     np.testing.assert_array_equal(from_int, from_strided)
 
 
+def test_one_core_gives_the_same_labels(phantom, monkeypatch):
+    """The two lungs' dense-lung recovery runs in two threads where there are cores; on one core it runs in turn."""
+    from covfast.pipeline import lung as lung_module
+
+    monkeypatch.setattr(lung_module.os, "cpu_count", lambda: 1)
+    np.testing.assert_array_equal(lung_mask(phantom["hu"], phantom["spacing"]), phantom["labels"])
+
+
 @pytest.mark.parametrize("kept", ["right", "left"])
 def test_one_lung_gets_the_label_of_its_side(kept):
     """After a pneumonectomy (the other lung filled with soft tissue) the remaining lung keeps one label, by the side

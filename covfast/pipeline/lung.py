@@ -27,6 +27,8 @@ anterior -> posterior, W = columns patient right -> patient left (right lung at 
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import cc3d
 import numpy as np
@@ -406,11 +408,13 @@ def _recover_dense_lung(
     radius_h, radius_w = radius_mm / spacing[1], radius_mm / spacing[2]
     pad_h = math.ceil(max(radius_mm, pocket_depth_mm) / spacing[1]) + 1
     pad_w = math.ceil(max(radius_mm, pocket_depth_mm) / spacing[2]) + 1
-    result = labels.copy()
-    for label in (RIGHT_LUNG, LEFT_LUNG):
+
+    def grow(label: int):
+        """(box, the lung with its dense part inside the box) of one lung, or None without it; reads only
+        ``labels`` and ``hu``, so the two lungs can run at once."""
         lung = labels == label
         if not lung.any():
-            continue
+            return None
         zs, ys, xs = (np.flatnonzero(lung.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
         box = (
             slice(zs[0], zs[-1] + 1),
@@ -428,6 +432,21 @@ def _recover_dense_lung(
         ).view(bool)
         grown |= _wall_pockets(grown, allowed, near, lateral_sign=-1 if label == RIGHT_LUNG else 1)
         grown &= ~_domes(grown & ~lung_box, grown, labels[box] == 0)
+        return box, grown
+
+    # scipy's filters and labelling release the GIL: the two lungs in two threads take 0.6-0.7 of the time on two
+    # cores. The labels are then written in a fixed order (the right lung first keeps contested voxels), as before.
+    lungs = (RIGHT_LUNG, LEFT_LUNG)
+    if (os.cpu_count() or 1) > 1:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="covfast-lung") as pool:
+            found = list(pool.map(grow, lungs))
+    else:
+        found = [grow(label) for label in lungs]
+    result = labels.copy()
+    for label, grown_box in zip(lungs, found, strict=True):
+        if grown_box is None:
+            continue
+        box, grown = grown_box
         result_box = result[box]
         result_box[grown & (result_box == 0)] = label
     return result
