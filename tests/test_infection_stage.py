@@ -540,6 +540,52 @@ def test_unknown_tta_is_a_usage_error(capsys):
     assert info.value.code == 2 and "--tta" in capsys.readouterr().err
 
 
+def _dome_phantom():
+    """A block of lung over slices 0-7 with a dome (a hole of the lung mask) in slices 0-2 of its left half, and
+    three findings: a cap on the dome's top (slice 3, over the hole), a lesion resting on lung (slices 4-5 of the
+    right half) and a lesion in the lowest slice (nothing below it)."""
+    lung = np.zeros((8, 20, 30), np.uint8)
+    lung[:, 2:18, 2:28] = 1
+    lung[0:3, 6:12, 5:11] = 0  # the dome's island, enclosed by lung in its slices
+    mask = np.zeros_like(lung)
+    mask[3, 6:12, 5:11] = 1  # the cap
+    mask[4:6, 8:12, 18:24] = 1  # on lung
+    mask[0, 14:16, 20:24] = 2  # the lowest slice
+    prob = np.where(mask > 0, 0.8, 0.02).astype(np.float32)
+    return lung, mask, prob
+
+
+def test_drop_dome_caps_removes_only_what_rests_on_holes():
+    from covfast.pipeline.infection import drop_dome_caps
+
+    lung, mask, prob = _dome_phantom()
+    m, p = mask.copy(), prob.copy()
+    assert drop_dome_caps(m, p, lung, None) == 0 and np.array_equal(m, mask)
+    assert drop_dome_caps(m, p, lung, 0.6) == 1
+    assert not m[3].any() and (p[3] <= 0.02).all()
+    np.testing.assert_array_equal(m[4:], mask[4:])
+    np.testing.assert_array_equal(m[:3], mask[:3])
+    assert p[4, 9, 20] == pytest.approx(0.8)
+    # A cap only half over the hole (the rest over lung) stays at 0.6, goes at 0.4.
+    m, p = mask.copy(), prob.copy()
+    m[3, 6:12, 11:17] = 1
+    p[3, 6:12, 11:17] = 0.8
+    assert drop_dome_caps(m.copy(), p.copy(), lung, 0.6) == 0
+    assert drop_dome_caps(m, p, lung, 0.4) == 1 and not m[3].any()
+
+
+def test_drop_dome_caps_needs_an_enclosed_hole():
+    """Non-lung below a finding that reaches the edge of the slice's lung (outside the lung, not a dome's island)
+    does not count: the same phantom with the island opened to the lung's border keeps the cap."""
+    from covfast.pipeline.infection import drop_dome_caps
+
+    lung, mask, prob = _dome_phantom()
+    lung[0:3, 6:12, 0:11] = 0  # the island now runs out of the lung's left border
+    assert drop_dome_caps(mask, prob, lung, 0.6) == 0
+    one_slice = (lung[:1], mask[:1], prob[:1])
+    assert drop_dome_caps(*one_slice, 0.6) == 0
+
+
 def test_drop_small_components_by_volume_with_26_connectivity():
     from covfast.pipeline.infection import drop_small_components
 

@@ -375,7 +375,7 @@ def _round_closing(mask: np.ndarray, radius_h: float, radius_w: float, backend: 
     return morphology.union_closing(mask, _round_element(radius_h, radius_w), backend)
 
 
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """[D, H, W] bool ``mask`` with every 2D hole of each axial slice filled."""
     background, count = ndi.label(~mask, structure=_SLICE_CROSS)
     outside_ids = _in_plane_border_ids(background)
@@ -423,7 +423,7 @@ def _recover_dense_lung(
         )
         lung_box = lung[box]
         allowed = (hu[box] < bone_threshold_hu) & (labels[box] == 0)
-        grown = _fill_holes_per_slice(lung_box | (_round_closing(lung_box, radius_h, radius_w, backend) & allowed))
+        grown = fill_holes_per_slice(lung_box | (_round_closing(lung_box, radius_h, radius_w, backend) & allowed))
         # Chebyshev distance is a close enough depth measure here and costs two 1D passes.
         near = morphology.max_filter(
             grown,

@@ -269,7 +269,12 @@ def analyze(
             infection_source = {"kind": "mask", "path": infection_mask_source}
         elif lung_ml > 0:  # no lung, nothing for the networks to look at
             try:
-                from covfast.pipeline.infection import check_tta, drop_small_components, segment_infection
+                from covfast.pipeline.infection import (
+                    check_tta,
+                    drop_dome_caps,
+                    drop_small_components,
+                    segment_infection,
+                )
 
                 tta = check_tta(tta)
 
@@ -280,7 +285,9 @@ def analyze(
                     engine=engine, precision=precision, tta=tta, ensemble=ensemble,
                 )
                 prob, classes, counts = seg.prob, seg.mask, seg.counts
-                if drop_small_components(classes, prob, volume.spacing_mm, rules.min_component_ml):
+                dropped = drop_small_components(classes, prob, volume.spacing_mm, rules.min_component_ml)
+                dropped += drop_dome_caps(classes, prob, lung, rules.dome_cap_support)
+                if dropped:
                     counts = None  # counted again below from the cleaned masks
                 models, engines, view_prob, view_features = list(seg.models), seg.engines, seg.view_prob, seg.view_features
                 infection_source = {"kind": "model", "models": [m["name"] for m in models], "tta": tta}

@@ -31,6 +31,8 @@ Rules (documented in the README and recorded in ``report.json``):
   removed from the masks and the probability map before anything is counted. On the three COVID-CT-MD volumes (with
   the earlier v2 Inf-Net) this raised the slice specificity of the normal case from 0.68 to 0.80 (slices with >= 20 mm^2 flagged) and the CAP
   case's from 0.26 to 0.32 for 0.03 of the COVID case's slice sensitivity (training/RESULTS.md).
+* **Dome caps** (network segmentations only): components resting on the diaphragm's domes rather than on lung
+  (``dome_cap_support``, :func:`covfast.pipeline.infection.drop_dome_caps`) are removed the same way.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class SeverityRules:
     min_lesion_area_mm2: float = 100.0
     min_slice_lung_mm2: float = 100.0
     min_component_ml: float = 0.2
+    dome_cap_support: float | None = 0.6
 
     def describe(self) -> dict:
         return {
@@ -70,6 +73,11 @@ class SeverityRules:
             "small_components": "3D 26-connected components of the network's infection mask under min_component_ml "
             "are removed before counting (not applied to a mask given with --infection-mask)",
             "min_component_ml": self.min_component_ml,
+            "dome_caps": "3D 26-connected components of the network's infection mask whose lower surface rests, for "
+            "more than dome_cap_support of it, on holes of the lung mask in the slice below (the diaphragm's domes, "
+            "which the lung mask leaves out) are removed before counting: the partial-volume cap of a dome looks "
+            "like ground glass (not applied to a mask given with --infection-mask; null: off)",
+            "dome_cap_support": self.dome_cap_support,
             "zones": "each lung's slice extent cut into lower/middle/upper thirds; zone score 0-5 "
             "(0 none, 1 <5 %, 2 5-25 %, 3 25-50 %, 4 50-75 %, 5 >=75 %); zone CT score = sum over 6 zones (0-30), "
             "an approximation of lobe-based scores",
