@@ -108,3 +108,41 @@ def test_small_network_components_are_dropped_from_masks_and_numbers(chest, monk
     given = covfast.infer(chest["hu"], spacing=chest["spacing"], infection_mask=mask, device="cpu")
     assert given.infection_mask[speck].all()
     assert given.report["infected_volume_ml"]["consolidation"] == pytest.approx(speck_ml)
+
+
+def test_dome_caps_are_dropped_from_masks_and_numbers(monkeypatch):
+    """The pipeline applies the dome-cap rule (SeverityRules.dome_cap_support) to the network's masks and counts
+    again; null turns it off. Lung mask and network are stand-ins: a lung block with a dome's island (a hole) in its
+    lowest slices, a cap over the island and a lesion resting on lung."""
+    from covfast.api import load
+    from covfast.pipeline import infection, lung
+    from covfast.pipeline.run import _reduce, analyze
+    from covfast.pipeline.severity import SeverityRules
+
+    shape = (8, 40, 60)
+    lungs = np.zeros(shape, np.uint8)
+    lungs[:, 4:36, 4:28], lungs[:, 4:36, 32:56] = 1, 2
+    lungs[0:3, 12:24, 10:22] = 0  # the dome's island in the right lung
+    mask = np.zeros(shape, np.uint8)
+    mask[3, 12:24, 10:22] = 1  # the cap: 144 voxels
+    mask[4:6, 10:20, 40:50] = 1  # a lesion on lung: 200 voxels
+    prob = np.where(mask > 0, 0.9, 0.1).astype(np.float32)
+
+    def segment(hu, lung_mask, spacing_mm, **kwargs):
+        lung_voxels, infected_voxels, _ = _reduce(lung_mask, mask, 0.5)
+        counts = infection.InfectionCounts(lung_voxels, infected_voxels, _reduce(lung_mask, prob, 0.5)[2])
+        return infection.InfectionResult(prob.copy(), mask.copy(), [], {}, {}, {}, mask.copy(), counts, {})
+
+    monkeypatch.setattr(lung, "lung_mask", lambda hu, spacing, **kwargs: lungs.copy())
+    monkeypatch.setattr(infection, "segment_infection", segment)
+    spacing = (2.0, 1.0, 1.0)
+    hu = np.random.default_rng(0).integers(-1000, 100, shape).astype(np.int16)
+    volume = load(hu, spacing=spacing)
+    cleaned = analyze(volume, device="cpu", diagnose_volume=False)
+    kept = analyze(volume, device="cpu", diagnose_volume=False, rules=SeverityRules(dome_cap_support=None))
+    assert cleaned.report["rules"]["dome_cap_support"] == 0.6 and kept.report["rules"]["dome_cap_support"] is None
+    assert kept.infection_mask[3].sum() == 144 and not cleaned.infection_mask[3].any()
+    assert not cleaned.infection_prob[3][mask[3] > 0].any()  # zeroed where the cap was
+    np.testing.assert_array_equal(cleaned.infection_mask[4:6], mask[4:6])
+    assert kept.report["infected_volume_ml"]["total"] == pytest.approx(344 * 0.002)
+    assert cleaned.report["infected_volume_ml"]["total"] == pytest.approx(200 * 0.002)
