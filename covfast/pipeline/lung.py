@@ -205,7 +205,9 @@ def _cut_lungs(air: np.ndarray, components: np.ndarray, border_ids: np.ndarray,
     side = (max(1, round(2 * _CUT_LUNG_MIN_RADIUS_MM / (spacing[1] * step_h))),
             max(1, round(2 * _CUT_LUNG_MIN_RADIUS_MM / (spacing[2] * step_w))))
     cut = []
-    for i in border_ids[(sizes[border_ids] > 0) & (in_hull[border_ids] >= _CUT_LUNG_HULL_SHARE * sizes[border_ids])]:
+    # Too small to hold the square: not a lung (and specks of noise along the edge cost no time below).
+    big = sizes[border_ids] >= side[0] * side[1]
+    for i in border_ids[big & (in_hull[border_ids] >= _CUT_LUNG_HULL_SHARE * sizes[border_ids])]:
         member = coarse == i
         box = morphology.bounding_box(member)
         if not ndi.minimum_filter(member[box].view(np.uint8), size=(1, *side), mode="constant", cval=0).any():
