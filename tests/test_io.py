@@ -343,6 +343,7 @@ def test_dicom_series_that_really_mixes_orientations_is_refused(tmp_path):
 @pytest.mark.parametrize("slope", [0.5, 20])
 def test_dicom_rescale_beyond_int16_or_fractional_gives_float32(tmp_path, slope):
     hu = unique_hu((3, 4, 5), start=1000)  # stored 2024..2083: times 20 is beyond int16
+    hu[0, 0, 0] = -1000  # some air (stored 24): a CT without negative HU is refused
     write_dicom_series(tmp_path / "series", hu, slope=slope)
     volume = load_volume(tmp_path / "series")
     assert volume.hu.dtype == np.float32

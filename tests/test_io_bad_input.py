@@ -185,6 +185,14 @@ def test_windowed_8bit_nifti_and_array(tmp_path):
     expect_input_error(tmp_path, lambda: load_array(grey.astype(np.float32)), "<array>", "windowed 8-bit export")
 
 
+def test_no_negative_values_are_not_hounsfield_units(tmp_path):
+    stored = unique_hu((6, 7, 8), start=0) * 7  # 0..2,345: e.g. HU + 1024 without the rescale intercept
+    path = write_nifti(tmp_path / "unscaled.nii.gz", stored, RAS)
+    expect_input_error(tmp_path, lambda: load_volume(path), path, "no negative values (range 0..2345)",
+                       "not Hounsfield units")
+    expect_input_error(tmp_path, lambda: load_array(stored.astype(np.float32)), "<array>", "no negative values")
+
+
 def test_windowed_8bit_dicom(tmp_path):
     folder = tmp_path / "jpg_export"
     write_dicom_series(folder, unique_hu((4, 5, 6), start=0) % 200, bits=8, rescale=False)

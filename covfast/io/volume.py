@@ -194,12 +194,17 @@ def check_hounsfield(path, low: float, high: float) -> None:
     units.
 
     Raises:
-        InputError: every voxel has the same value, or every value lies within 0..255.
+        InputError: every voxel has the same value, every value lies within 0..255, or none is negative.
     """
     if low == high:
         raise InputError(path, f"every voxel has the same value ({low:g}): a blank volume, not a CT")
     if low >= 0 and high <= _WINDOWED_MAX:
         raise InputError(path, WINDOWED_EXPORT_PROBLEM)
+    if low >= 0:
+        # Air is about -1000 HU, and every chest CT holds air (around the body, in the lungs, or as the padding
+        # outside the reconstruction circle).
+        raise InputError(path, f"has no negative values (range {low:g}..{high:g}): not Hounsfield units, in which "
+                               "air is about -1000 (stored values without their rescale intercept?)")
 
 
 def _is_integral(values: np.ndarray) -> bool:
