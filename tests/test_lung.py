@@ -128,6 +128,21 @@ def test_lungs_cut_by_a_narrow_field_of_view_are_kept(cut):
     assert np.count_nonzero(labels[chest["outside"][crop]]) < 1e-3 * np.count_nonzero(labels)
 
 
+def test_complete_scans_never_look_for_cut_lungs(monkeypatch):
+    """With both lungs found at a plausible size, the cut-lung rescue (and its cost) is skipped."""
+    from covfast.io import load_volume, sample_path
+    from covfast.pipeline import lung as lung_module
+
+    volume = load_volume(sample_path())  # a real chest (the phantom's lungs are too small to count as a pair)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cut-lung rescue ran on a complete scan")
+
+    monkeypatch.setattr(lung_module, "_cut_lungs", refuse)
+    labels = lung_mask(volume.hu, volume.spacing_mm)
+    assert (labels == RIGHT_LUNG).any() and (labels == LEFT_LUNG).any()
+
+
 def test_one_core_gives_the_same_labels(phantom, monkeypatch):
     """The two lungs' dense-lung recovery runs in two threads where there are cores; on one core it runs in turn."""
     from covfast.pipeline import lung as lung_module

@@ -109,29 +109,42 @@ def lung_mask(
     work_spacing = (spacing[0], spacing[1] * step_h, spacing[2] * step_w)
     voxel_ml = work_spacing[0] * work_spacing[1] * work_spacing[2] / 1000.0
 
+    def air_lungs(inner_air_full: np.ndarray, midline_w: float):
+        """(lungs, box, inner air in the box, trachea in the box) from the air enclosed by the body, or None."""
+        if not inner_air_full.any():
+            return None
+        # Everything up to the dense-lung recovery happens inside the air's bounding box (about half the grid):
+        # nothing outside it is air, so the results are the same voxel for voxel.
+        box = morphology.bounding_box(inner_air_full)
+        inner_air = inner_air_full[box]
+        # A one-voxel erosion breaks the partial-volume bridges across the diaphragm that join the lung
+        # bases to stomach and colon gas; the labels grow back into the full air mask afterwards.
+        core_air = ndi.binary_erosion(inner_air, structure=ndi.generate_binary_structure(3, 1))
+        # Lungs, bronchi and trachea need not be one component: narrow bronchi may close at this threshold.
+        large_air = cc3d.dust(
+            core_air, threshold=max(1, int(min_second_lung_fraction * min_lung_volume_ml / voxel_ml)), connectivity=6
+        )
+        if not large_air.any():
+            return None
+        trachea = _trachea(large_air, midline_w - box[2].start, work_spacing, trachea_max_area_mm2,
+                           trachea_max_offset_mm)
+        lungs = _select_lungs(large_air & ~trachea, min_lung_volume_ml / voxel_ml, min_second_lung_fraction,
+                              image_centre_w=work_hu.shape[2] / 2 - box[2].start)
+        return None if lungs is None else (lungs, box, inner_air, trachea)
+
     # NaN compares False, so it never counts as air.
-    inner_air_full, midline_w = _inner_air(work_hu < air_threshold_hu, work_spacing)
-    if not inner_air_full.any():
+    air = work_hu < air_threshold_hu
+    found = air_lungs(*_inner_air(air))
+    if not _plausible_pair(found, voxel_ml):
+        # No pair of lungs of plausible size: a field of view narrower than the chest may have cut a lung at the
+        # image's edge, and air touching the edge counts as air around the body. Try again keeping the air that is
+        # a cut lung (_cut_lungs); take that result when it holds more lung. Complete scans never get here.
+        again = air_lungs(*_inner_air(air, work_spacing))
+        if again is not None and np.count_nonzero(again[0]) > (0 if found is None else np.count_nonzero(found[0])):
+            found = again
+    if found is None:
         return labels_full
-    # Everything up to the dense-lung recovery happens inside the air's bounding box (about half the grid): nothing
-    # outside it is air, so the results are the same voxel for voxel.
-    box = morphology.bounding_box(inner_air_full)
-    inner_air = inner_air_full[box]
-    midline_w -= box[2].start
-    # A one-voxel erosion breaks the partial-volume bridges across the diaphragm that join the lung
-    # bases to stomach and colon gas; the labels grow back into the full air mask afterwards.
-    core_air = ndi.binary_erosion(inner_air, structure=ndi.generate_binary_structure(3, 1))
-    # Lungs, bronchi and trachea need not be one component: narrow bronchi may close at this threshold.
-    large_air = cc3d.dust(
-        core_air, threshold=max(1, int(min_second_lung_fraction * min_lung_volume_ml / voxel_ml)), connectivity=6
-    )
-    if not large_air.any():
-        return labels_full
-    trachea = _trachea(large_air, midline_w, work_spacing, trachea_max_area_mm2, trachea_max_offset_mm)
-    lungs = _select_lungs(large_air & ~trachea, min_lung_volume_ml / voxel_ml, min_second_lung_fraction,
-                          image_centre_w=work_hu.shape[2] / 2 - box[2].start)
-    if lungs is None:
-        return labels_full
+    lungs, box, inner_air, trachea = found
     backend = _morphology_backend(device)
     labels = np.zeros(work_hu.shape, dtype=np.uint8)
     labels[box] = _grow_back(lungs, inner_air & ~_dilate_in_box(trachea, 2), backend=backend)
@@ -172,6 +185,22 @@ def _inner_air(air: np.ndarray, spacing: tuple[float, float, float] | None = Non
     else:
         midline_w = float(np.average(np.arange(air.shape[2]), weights=inside_per_column))
     return (components != 0) & ~outside, midline_w
+
+
+# Two lungs of plausible size (see _plausible_pair): together at least this much air, the smaller at least this share
+# of the larger.
+_PLAUSIBLE_LUNGS_ML = 500.0
+_PLAUSIBLE_SMALLER_SHARE = 0.15
+
+
+def _plausible_pair(found, voxel_ml: float) -> bool:
+    """Whether the air-stage lungs (``air_lungs``' result in :func:`lung_mask`, or None) are a right and a left lung
+    of plausible size: both labels present, the smaller at least :data:`_PLAUSIBLE_SMALLER_SHARE` of the larger, and
+    together at least :data:`_PLAUSIBLE_LUNGS_ML` of aerated lung."""
+    if found is None:
+        return False
+    counts = np.bincount(found[0].ravel(), minlength=3)[1:3]
+    return bool(counts.min() >= _PLAUSIBLE_SMALLER_SHARE * counts.max() and counts.sum() * voxel_ml >= _PLAUSIBLE_LUNGS_ML)
 
 
 # A lung cut by a narrow field of view (see _cut_lungs): share of its voxels inside the body's outline, and the
