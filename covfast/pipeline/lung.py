@@ -223,7 +223,9 @@ def _cut_lungs(air: np.ndarray, components: np.ndarray, border_ids: np.ndarray,
     component counts as a cut lung when at least :data:`_CUT_LUNG_HULL_SHARE` of it lies inside the per-slice convex
     hull of the non-air voxels (body, table, clothing) and, unlike the air inside a hollow table or under a blanket,
     it is thick: a square of side 2 x :data:`_CUT_LUNG_MIN_RADIUS_MM` fits in it somewhere in-plane. Both tests run
-    on a coarser in-plane grid (about :data:`_CUT_LUNG_GRID_MM`), which is plenty for shapes this large.
+    on a coarser in-plane grid (about :data:`_CUT_LUNG_GRID_MM`), which is plenty for shapes this large. Last, it
+    must hold vessels (:data:`_CUT_LUNG_MIN_HOLE_SHARE`). :func:`lung_mask` asks only when the usual rule found no
+    plausible pair of lungs (:func:`_plausible_pair`).
     """
     step_h = max(1, round(_CUT_LUNG_GRID_MM / spacing[1]))
     step_w = max(1, round(_CUT_LUNG_GRID_MM / spacing[2]))
