@@ -146,3 +146,22 @@ def test_dome_caps_are_dropped_from_masks_and_numbers(monkeypatch):
     np.testing.assert_array_equal(cleaned.infection_mask[4:6], mask[4:6])
     assert kept.report["infected_volume_ml"]["total"] == pytest.approx(344 * 0.002)
     assert cleaned.report["infected_volume_ml"]["total"] == pytest.approx(200 * 0.002)
+
+
+def test_lungs_at_the_image_edge_get_a_note(monkeypatch):
+    """A lung mask reaching the in-plane edge means the field of view cuts the chest: the report says so."""
+    from covfast.api import load
+    from covfast.pipeline import lung
+    from covfast.pipeline.run import CUT_LUNG_NOTE, analyze
+
+    shape = (6, 30, 40)
+    hu = np.random.default_rng(1).integers(-1000, 100, shape).astype(np.int16)
+    volume = load(hu, spacing=(2.0, 1.0, 1.0))
+    inside = np.zeros(shape, np.uint8)
+    inside[:, 5:25, 5:18], inside[:, 5:25, 22:35] = 1, 2
+    monkeypatch.setattr(lung, "lung_mask", lambda hu, spacing, **kwargs: inside.copy())
+    assert CUT_LUNG_NOTE not in analyze(volume, device="cpu", diagnose_volume=False, infection_mask=np.zeros(shape)).report["notes"]
+    cut = inside.copy()
+    cut[:, 5:25, 0:18] = 1  # the right lung reaches column 0
+    monkeypatch.setattr(lung, "lung_mask", lambda hu, spacing, **kwargs: cut.copy())
+    assert CUT_LUNG_NOTE in analyze(volume, device="cpu", diagnose_volume=False, infection_mask=np.zeros(shape)).report["notes"]

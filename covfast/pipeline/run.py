@@ -26,6 +26,10 @@ SCHEMA_VERSION = "1.0"
 # error: a child's or a partly collapsed lung can be small).
 SMALL_LUNG_ML = 500.0
 NO_LUNG_NOTE = "no lung found: is this a chest CT that covers the lungs? nothing was quantified"
+CUT_LUNG_NOTE = (
+    "the lungs reach the image's edge: the field of view cuts the chest, so volumes and percentages cover only the "
+    "lung inside the image"
+)
 
 
 @dataclass
@@ -248,6 +252,8 @@ def analyze(
         lung = compute_lung_mask(volume.hu, volume.spacing_mm, device=device)
     voxel_ml = float(np.prod(volume.spacing_mm)) / 1000.0
     lung_ml = float(np.count_nonzero(lung)) * voxel_ml
+    if lung_ml > 0 and (lung[:, [0, -1], :].any() or lung[:, :, [0, -1]].any()):
+        notes.append(CUT_LUNG_NOTE)
     if lung_ml == 0:
         notes.append(NO_LUNG_NOTE)
     elif lung_ml < SMALL_LUNG_ML:
