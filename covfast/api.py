@@ -217,8 +217,9 @@ class Saved:
 
 WORKER_MEMORY_GB = 3.0  # host memory one worker may take at 512 x 512 x 150 (measured peak 2.3-2.6 GB on an H100 host)
 # GPU memory one worker may take: torch's allocator peaked at 618-731 MB on an H100 at 8 slices a batch, plus the CUDA
-# context. The GPU default is now 32 slices a batch (not yet measured on a GPU; on the CPU in float32 the largest
-# network's activations at 32 slices and their flips took about 2 GB), hence the margin.
+# context. The GPU default is now 32 slices a batch, not yet measured on a GPU; on the CPU in float32 a pass of the
+# largest network over 32 slices and their flips (64) raised the peak RSS by 2.1 GB (benchmarks/activation_memory.py,
+# results/activation_memory_cpu_2026-11-25.json), hence the margin.
 WORKER_GPU_MEMORY_GB = 3.0
 
 

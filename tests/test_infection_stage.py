@@ -574,6 +574,22 @@ def test_drop_dome_caps_removes_only_what_rests_on_holes():
     assert drop_dome_caps(m, p, lung, 0.4) == 1 and not m[3].any()
 
 
+def test_drop_components_applies_both_rules_as_in_turn():
+    from covfast.pipeline.infection import drop_components, drop_dome_caps, drop_small_components
+
+    lung, mask, prob = _dome_phantom()
+    mask[6, 14, 5] = 1  # a lone voxel on lung: small
+    prob[6, 14, 5] = 0.8
+    spacing = (2.0, 1.0, 1.0)
+    m1, p1 = mask.copy(), prob.copy()
+    assert drop_small_components(m1, p1, spacing, 0.01) + drop_dome_caps(m1, p1, lung, 0.6) == 2
+    m2, p2 = mask.copy(), prob.copy()
+    assert drop_components(m2, p2, spacing, min_ml=0.01, lung=lung, dome_support=0.6) == 2
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_array_equal(p1, p2)
+    assert drop_components(mask.copy(), prob.copy(), spacing) == 0  # neither rule asked for
+
+
 def test_drop_dome_caps_needs_an_enclosed_hole():
     """Non-lung below a finding that reaches the edge of the slice's lung (outside the lung, not a dome's island)
     does not count: the same phantom with the island opened to the lung's border keeps the cap."""

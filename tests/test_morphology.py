@@ -44,3 +44,17 @@ def test_lung_mask_identical_on_torch(monkeypatch, device):
     got = lung.lung_mask(volume.hu, volume.spacing_mm, device=device)
     assert (expected > 0).sum() > 1000
     np.testing.assert_array_equal(got, expected)
+
+
+def test_resting_on_counts_the_lower_surface_over_the_slice_below():
+    from covfast.pipeline.morphology import resting_on
+
+    labels = np.zeros((3, 4, 6), np.int32)
+    labels[1:, 0:2, 0:2] = 1  # lower surface 4 voxels in slice 1, all over `below`
+    labels[1, 2:4, 2:6] = 2  # lower surface 8 voxels, 4 of them over `below`
+    below = np.zeros(labels.shape, bool)
+    below[0, 0:2, 0:2] = True
+    below[0, 2:4, 2:4] = True
+    np.testing.assert_array_equal(resting_on(labels, below, 0.6), [False, True, False])
+    np.testing.assert_array_equal(resting_on(labels, below, 0.4), [False, True, True])
+    np.testing.assert_array_equal(resting_on(labels[1:2], below[1:2], 0.0), [False, False, False])  # no slice below

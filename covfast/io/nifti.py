@@ -81,14 +81,16 @@ def _parse_header(path: Path, head: bytes):
     if len(head) < header_class.template_dtype.itemsize:
         raise InputError(path, f"is truncated: {len(head)} bytes, shorter than a NIfTI header")
     try:
-        raw = header_class.from_fileobj(io.BytesIO(head), check=False)
-        if int(raw["qform_code"]) == 0 and int(raw["sform_code"]) == 0 and not np.all(raw["pixdim"][1:4] > 0):
+        header = header_class.from_fileobj(io.BytesIO(head), check=False)
+        if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0 and not np.all(header["pixdim"][1:4] > 0):
             # With neither orientation matrix the voxel sizes come from pixdim alone; nibabel would take 1 mm.
-            raise InputError(path, f"has no voxel size: pixdim {[round(float(v), 4) for v in raw['pixdim'][1:4]]} holds zero or "
-                                   "negative values and there is no qform or sform")
-        # nibabel's header check fixes small defects and logs each to stderr; the message above covers what matters.
+            pixdim = [round(float(v), 4) for v in header["pixdim"][1:4]]
+            raise InputError(path, f"has no voxel size: pixdim {pixdim} holds zero or negative values and there is no "
+                                   "qform or sform")
+        # nibabel's header check (what from_fileobj(check=True) runs) fixes small defects and logs each to stderr; the
+        # message above covers what matters.
         with _quiet_nibabel():
-            header = header_class.from_fileobj(io.BytesIO(head), check=True)
+            header.check_fix()
     except (HeaderDataError, ValueError, TypeError) as exc:
         raise InputError(path, f"has an invalid NIfTI header ({exc})") from None
     magic = bytes(header["magic"])

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from covfast.errors import ModelNotInstalledError, UsageError
-from covfast.pipeline.morphology import bounding_box
+from covfast.pipeline.morphology import bounding_box, resting_on
 from covfast.pipeline.severity import PROBABILITY_THRESHOLD
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -322,7 +322,8 @@ def _runners(engines: dict, tta: str = "none", one_batch: bool | None = None) ->
         # Returns (mean probability over the plain and flipped passes, the plain pass's features or None); the flipped
         # outputs are flipped back before averaging. On a GPU the plain and flipped slices go through the network in
         # one batch: there the fixed cost of each call dominates at these batch sizes. On the CPU one call per flip is
-        # as fast with onnxruntime and faster with torch (P001: 17.8-19.2 s against 21.9-23.6 s for one batch).
+        # as fast with onnxruntime (P001: 6.42 s against 6.46 s) and faster with torch (17.6 s against 20.5 s;
+        # benchmarks/tta_batching.py, results/tta_batching_cpu_*_2026-11-25.json).
         n = x.shape[0]
         if flips and (one_batch if one_batch is not None else x.device.type != "cpu"):
             prob, features = run(torch.cat([x, *(x.flip(dims) for dims in flips)]))
@@ -439,24 +440,7 @@ def drop_small_components(mask: np.ndarray, prob: np.ndarray, spacing_mm, min_ml
     Returns:
         Number of components removed.
     """
-    import cc3d
-
-    if min_ml <= 0:
-        return 0
-    found = (mask > 0) | (prob > PROBABILITY_THRESHOLD)
-    if not found.any():
-        return 0
-    box = bounding_box(found)  # the same components, a smaller array to label
-    labels = cc3d.connected_components(np.ascontiguousarray(found[box]), connectivity=26)
-    sizes = np.bincount(labels.ravel()) * (float(np.prod(spacing_mm)) / 1000.0)
-    small = sizes < min_ml
-    small[0] = False
-    if not small.any():
-        return 0
-    drop = small[labels]
-    mask[box][drop] = 0
-    prob[box][drop] = 0.0
-    return int(small.sum())
+    return drop_components(mask, prob, spacing_mm, min_ml=min_ml)
 
 
 def drop_dome_caps(mask: np.ndarray, prob: np.ndarray, lung: np.ndarray, max_support: float | None) -> int:
@@ -481,42 +465,59 @@ def drop_dome_caps(mask: np.ndarray, prob: np.ndarray, lung: np.ndarray, max_sup
     Returns:
         Number of components removed.
     """
+    return drop_components(mask, prob, lung=lung, dome_support=max_support)
+
+
+def drop_components(mask: np.ndarray, prob: np.ndarray, spacing_mm=None, *, min_ml: float = 0.0,
+                    lung: np.ndarray | None = None, dome_support: float | None = None) -> int:
+    """:func:`drop_small_components` and :func:`drop_dome_caps` in one labelling of the components, in place.
+
+    Args:
+        mask, prob: as for those two; changed in place.
+        spacing_mm: (dz, dy, dx) voxel spacing (needed when ``min_ml`` > 0).
+        min_ml: smallest component kept, in mL; 0 keeps every size.
+        lung: [D, H, W] lung mask (needed when ``dome_support`` is not None).
+        dome_support: largest share of a component's lower surface that may rest on holes of ``lung``; None skips
+            the dome-cap rule.
+
+    Returns:
+        Number of components removed by either rule.
+    """
     import cc3d
 
     from covfast.pipeline.lung import fill_holes_per_slice
 
-    if max_support is None or mask.shape[0] < 2:
+    domes = dome_support is not None and lung is not None and mask.shape[0] >= 2
+    if min_ml <= 0 and not domes:
         return 0
     found = (mask > 0) | (prob > PROBABILITY_THRESHOLD)
     if not found.any():
         return 0
-    # The found voxels' slices and the one under them; in-plane the lung's extent, so that the holes are those of
-    # whole slices (a non-lung region reaching the edge of the lung's box is not enclosed by lung).
-    found_box = bounding_box(found)
-    zs = slice(max(found_box[0].start - 1, 0), found_box[0].stop)
-    in_lung = np.asarray(lung)[zs] > 0
-    if not in_lung.any():
-        return 0
-    lung_box = bounding_box(in_lung)
-    box = (zs, *(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(found_box[1:], lung_box[1:])))
-    inside = in_lung[(slice(None), *box[1:])]
-    holes = fill_holes_per_slice(inside) & ~inside
-    if not holes.any():
-        return 0
+    box = bounding_box(found)  # the same components, a smaller array to label
+    holes = None
+    if domes:
+        # The found voxels' slices and the one under them; in-plane the lung's extent as well, so that the holes are
+        # those of whole slices (a non-lung region reaching the edge of the lung's box is not enclosed by lung).
+        zs = slice(max(box[0].start - 1, 0), box[0].stop)
+        in_lung = np.asarray(lung)[zs] > 0
+        if in_lung.any():
+            lung_box = bounding_box(in_lung)
+            box = (zs, *(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box[1:], lung_box[1:])))
+            inside = in_lung[(slice(None), *box[1:])]
+            holes = fill_holes_per_slice(inside) & ~inside
     labels = cc3d.connected_components(np.ascontiguousarray(found[box]), connectivity=26)
-    count = int(labels.max())
-    upper = labels[1:]
-    lower_surface = (upper != 0) & (labels[:-1] != upper)
-    surface = np.bincount(upper[lower_surface], minlength=count + 1)
-    on_holes = np.bincount(upper[lower_surface & holes[:-1]], minlength=count + 1)
-    caps = (surface > 0) & (on_holes > max_support * surface)
-    caps[0] = False
-    if not caps.any():
+    drop = np.zeros(int(labels.max()) + 1, dtype=bool)
+    if min_ml > 0:
+        drop |= np.bincount(labels.ravel(), minlength=drop.size) * (float(np.prod(spacing_mm)) / 1000.0) < min_ml
+    if holes is not None and holes.any():
+        drop |= resting_on(labels, holes, dome_support)
+    drop[0] = False
+    if not drop.any():
         return 0
-    drop = caps[labels]
-    mask[box][drop] = 0
-    prob[box][drop] = 0.0
-    return int(caps.sum())
+    voxels = drop[labels]
+    mask[box][voxels] = 0
+    prob[box][voxels] = 0.0
+    return int(drop.sum())
 
 
 def window_hu(hu: np.ndarray) -> np.ndarray:

@@ -209,7 +209,7 @@ _CUT_LUNG_HULL_SHARE = 0.95
 _CUT_LUNG_MIN_RADIUS_MM = 15.0
 _CUT_LUNG_GRID_MM = 5.0
 # Least area of the per-slice holes (vessels) of a cut lung's air relative to the air: cut lungs of the COVID-CT-MD
-# volumes 0.012-0.027, air around the body 0.001-0.002.
+# volumes 0.012-0.027, air around the body 0.001-0.002 (training/analysis/cut_fov_check.py --hole-shares).
 _CUT_LUNG_MIN_HOLE_SHARE = 0.006
 
 
@@ -556,19 +556,10 @@ def _domes(added: np.ndarray, grown: np.ndarray, outside: np.ndarray, max_suppor
         [D, H, W] bool voxels to remove again.
     """
     components = cc3d.connected_components(added, connectivity=6)
-    count = int(components.max())
-    if count == 0 or added.shape[0] < 2:
-        return np.zeros_like(added)
-    upper = components[1:]
-    lower_surface = (upper != 0) & (components[:-1] != upper)
-    on_tissue = lower_surface & outside[:-1] & ~grown[:-1]
-    surface = np.bincount(upper[lower_surface], minlength=count + 1)
-    supported = np.bincount(upper[on_tissue], minlength=count + 1)
-    dome_ids = np.flatnonzero((surface > 0) & (supported > max_support * surface))
-    dome_ids = dome_ids[dome_ids != 0]
+    dome_ids = np.flatnonzero(morphology.resting_on(components, outside & ~grown, max_support))
     if dome_ids.size == 0:
         return np.zeros_like(added)
-    return _members(components, dome_ids, count)
+    return _members(components, dome_ids, int(components.max()))
 
 
 def _convex_hull_per_slice(mask: np.ndarray) -> np.ndarray:

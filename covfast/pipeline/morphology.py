@@ -27,6 +27,26 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
     )
 
 
+def resting_on(labels: np.ndarray, below: np.ndarray, max_share: float) -> np.ndarray:
+    """Which components of [D, H, W] integer ``labels`` (0 background, 1..N, D inferior -> superior) rest on
+    ``below``: more than ``max_share`` of their lower surface (voxels whose inferior neighbour is not in the same
+    component) lies over a ``below`` voxel in the slice under it.
+
+    Returns:
+        [N + 1] bool by label (index 0, the background, False).
+    """
+    count = int(labels.max())
+    if count == 0 or labels.shape[0] < 2:
+        return np.zeros(count + 1, dtype=bool)
+    upper = labels[1:]
+    lower_surface = (upper != 0) & (labels[:-1] != upper)
+    surface = np.bincount(upper[lower_surface], minlength=count + 1)
+    supported = np.bincount(upper[lower_surface & below[:-1]], minlength=count + 1)
+    resting = (surface > 0) & (supported > max_share * surface)
+    resting[0] = False
+    return resting
+
+
 def _to_torch(array: np.ndarray, device: str) -> torch.Tensor:
     """[D, H, W] bool or uint8 array -> [D, H, W] float tensor on ``device``."""
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32

@@ -180,8 +180,9 @@ def resolve_device(device: str) -> str:
 
 
 # Slices per network batch when none is given: small on the CPU (larger batches are no faster there and cost memory),
-# larger on a GPU, where the fixed cost of each network call dominates at small batches (about 1 GB of fp16
-# activations for the largest network at 32 slices with its flipped copies).
+# larger on a GPU, where the fixed cost of each network call dominates at small batches. Memory: the largest network
+# over 32 slices and their flipped copies took 2.1 GB in float32 on the CPU (benchmarks/activation_memory.py); fp16 on
+# a GPU has not been measured.
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}
 
 
@@ -275,12 +276,7 @@ def analyze(
             infection_source = {"kind": "mask", "path": infection_mask_source}
         elif lung_ml > 0:  # no lung, nothing for the networks to look at
             try:
-                from covfast.pipeline.infection import (
-                    check_tta,
-                    drop_dome_caps,
-                    drop_small_components,
-                    segment_infection,
-                )
+                from covfast.pipeline.infection import check_tta, drop_components, segment_infection
 
                 tta = check_tta(tta)
 
@@ -291,9 +287,8 @@ def analyze(
                     engine=engine, precision=precision, tta=tta, ensemble=ensemble,
                 )
                 prob, classes, counts = seg.prob, seg.mask, seg.counts
-                dropped = drop_small_components(classes, prob, volume.spacing_mm, rules.min_component_ml)
-                dropped += drop_dome_caps(classes, prob, lung, rules.dome_cap_support)
-                if dropped:
+                if drop_components(classes, prob, volume.spacing_mm, min_ml=rules.min_component_ml, lung=lung,
+                                   dome_support=rules.dome_cap_support):
                     counts = None  # counted again below from the cleaned masks
                 models, engines, view_prob, view_features = list(seg.models), seg.engines, seg.view_prob, seg.view_features
                 infection_source = {"kind": "model", "models": [m["name"] for m in models], "tta": tta}
