@@ -12,14 +12,12 @@ label volumes are equal voxel for voxel.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -27,30 +25,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def reference_lung_module(revision: str):
-    """``covfast.pipeline.lung`` as it was at ``revision``, importing the ``morphology`` of that revision."""
-    scratch = Path(tempfile.mkdtemp(prefix="lung_ref_"))
-    package = scratch / "lung_reference"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name in ("lung", "morphology"):
-        try:
-            source = subprocess.run(["git", "show", f"{revision}:covfast/pipeline/{name}.py"], cwd=ROOT, check=True,
-                                    capture_output=True, text=True).stdout
-        except subprocess.CalledProcessError:
-            if name == "morphology":
-                continue  # older revisions had no morphology module
-            raise
-        (package / f"{name}.py").write_text(source.replace("from covfast.pipeline import morphology",
-                                                           "from lung_reference import morphology"))
-    sys.path.insert(0, str(scratch))
-    spec = importlib.util.spec_from_file_location("lung_reference.lung", package / "lung.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lung_reference.lung"] = module
-    spec.loader.exec_module(module)
-    return module
+from _reference import reference_modules
 
 
 def main() -> None:
@@ -67,7 +44,7 @@ def main() -> None:
     from covfast.io.inputs import load_volume
     from covfast.pipeline import lung
 
-    reference = reference_lung_module(args.reference)
+    reference = reference_modules(args.reference, ("lung", "morphology"))["lung"]
     rows = []
     for path in args.volumes:
         volume = load_volume(path)

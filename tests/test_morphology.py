@@ -58,3 +58,30 @@ def test_resting_on_counts_the_lower_surface_over_the_slice_below():
     np.testing.assert_array_equal(resting_on(labels, below, 0.6), [False, True, False])
     np.testing.assert_array_equal(resting_on(labels, below, 0.4), [False, True, True])
     np.testing.assert_array_equal(resting_on(labels[1:2], below[1:2], 0.0), [False, False, False])  # no slice below
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resting_on_from_the_voxel_list_equals_the_whole_array(seed):
+    import cc3d
+
+    from covfast.pipeline.morphology import resting_on
+
+    rng = np.random.default_rng(seed)
+    labels = cc3d.connected_components(rng.random((6, 30, 40)) < 0.08, connectivity=26)
+    below = rng.random(labels.shape) < 0.5
+    expected = resting_on(labels, below, 0.5)
+    assert expected.any() and not expected.all()  # the data leave both answers possible
+    np.testing.assert_array_equal(resting_on(labels, below, 0.5, np.nonzero(labels)), expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fill_holes_per_slice_equals_scipy_slice_by_slice(seed):
+    from scipy import ndimage as ndi
+
+    mask = _blobs(seed)
+    mask[1] = False  # an empty slice
+    mask[2, 20:30, 30:40] = True
+    mask[2, 23:27, 33:37] = False  # a hole well inside a solid square
+    expected = np.stack([ndi.binary_fill_holes(s) for s in mask])
+    assert (expected & ~mask).sum() >= 16  # holes exist to fill
+    np.testing.assert_array_equal(lung.fill_holes_per_slice(mask), expected)

@@ -505,18 +505,24 @@ def drop_components(mask: np.ndarray, prob: np.ndarray, spacing_mm=None, *, min_
             box = (zs, *(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(box[1:], lung_box[1:])))
             inside = in_lung[(slice(None), *box[1:])]
             holes = fill_holes_per_slice(inside) & ~inside
-    labels = cc3d.connected_components(np.ascontiguousarray(found[box]), connectivity=26)
-    drop = np.zeros(int(labels.max()) + 1, dtype=bool)
+    found_box = np.ascontiguousarray(found[box])
+    labels, count = cc3d.connected_components(found_box, connectivity=26, return_N=True)
+    # Component sizes and the voxels to clear from the found voxels only (a few percent of the box): a bincount or a
+    # lookup over the whole box costs more than the labelling itself.
+    where = np.unravel_index(np.flatnonzero(found_box), found_box.shape)  # twice as fast as np.nonzero here
+    ids = labels[where].astype(np.intp)
+    drop = np.zeros(count + 1, dtype=bool)
     if min_ml > 0:
-        drop |= np.bincount(labels.ravel(), minlength=drop.size) * (float(np.prod(spacing_mm)) / 1000.0) < min_ml
+        drop |= np.bincount(ids, minlength=count + 1) * (float(np.prod(spacing_mm)) / 1000.0) < min_ml
     if holes is not None and holes.any():
-        drop |= resting_on(labels, holes, dome_support)
+        drop |= resting_on(labels, holes, dome_support, where)
     drop[0] = False
     if not drop.any():
         return 0
-    voxels = drop[labels]
-    mask[box][voxels] = 0
-    prob[box][voxels] = 0.0
+    gone = drop[ids]
+    voxels = tuple(axis[gone] + part.start for axis, part in zip(where, box))
+    mask[voxels] = 0
+    prob[voxels] = 0.0
     return int(drop.sum())
 
 

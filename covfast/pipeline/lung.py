@@ -461,10 +461,22 @@ def _round_closing(mask: np.ndarray, radius_h: float, radius_w: float, backend: 
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """[D, H, W] bool ``mask`` with every 2D hole of each axial slice filled."""
-    background, count = ndi.label(~mask, structure=_SLICE_CROSS)
-    outside_ids = _in_plane_border_ids(background)
-    return mask | ((background != 0) & ~_members(background, outside_ids, count))
+    """[D, H, W] bool ``mask`` with every 2D hole of each axial slice filled.
+
+    A hole is a 4-connected component of a slice's background that does not reach the slice's edge. Slice by slice
+    with cc3d's 2D labelling: twice as fast as one ``ndimage.label`` of the volume with an in-plane structure (P001's
+    lungs, 139 x 278 x 434: 0.059 s against 0.112 s; ``benchmarks/fill_holes_speed.py``), same result.
+    """
+    filled = np.array(mask, dtype=bool)
+    for z in np.flatnonzero(filled.any(axis=(1, 2))):
+        background, count = cc3d.connected_components(~filled[z], connectivity=4, return_N=True)
+        enclosed = np.ones(count + 1, dtype=bool)
+        enclosed[0] = False
+        for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+            enclosed[edge] = False
+        if enclosed.any():
+            filled[z] |= enclosed[background]
+    return filled
 
 
 def _recover_dense_lung(

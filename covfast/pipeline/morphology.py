@@ -27,10 +27,13 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
     )
 
 
-def resting_on(labels: np.ndarray, below: np.ndarray, max_share: float) -> np.ndarray:
+def resting_on(labels: np.ndarray, below: np.ndarray, max_share: float, where: tuple | None = None) -> np.ndarray:
     """Which components of [D, H, W] integer ``labels`` (0 background, 1..N, D inferior -> superior) rest on
     ``below``: more than ``max_share`` of their lower surface (voxels whose inferior neighbour is not in the same
     component) lies over a ``below`` voxel in the slice under it.
+
+    ``where``: ``np.nonzero(labels)`` when the caller has it. The test runs over those voxels only (components are a
+    small part of their box: on cap001's infection 4x faster than over the whole box).
 
     Returns:
         [N + 1] bool by label (index 0, the background, False).
@@ -38,10 +41,13 @@ def resting_on(labels: np.ndarray, below: np.ndarray, max_share: float) -> np.nd
     count = int(labels.max())
     if count == 0 or labels.shape[0] < 2:
         return np.zeros(count + 1, dtype=bool)
-    upper = labels[1:]
-    lower_surface = (upper != 0) & (labels[:-1] != upper)
-    surface = np.bincount(upper[lower_surface], minlength=count + 1)
-    supported = np.bincount(upper[lower_surface & below[:-1]], minlength=count + 1)
+    z, y, x = np.nonzero(labels) if where is None else where
+    keep = z > 0  # the first slice has nothing under it
+    z, y, x = z[keep] - 1, y[keep], x[keep]
+    own = labels[z + 1, y, x].astype(np.intp)
+    bottom = labels[z, y, x] != own
+    surface = np.bincount(own[bottom], minlength=count + 1)
+    supported = np.bincount(own[bottom & below[z, y, x]], minlength=count + 1)
     resting = (surface > 0) & (supported > max_share * surface)
     resting[0] = False
     return resting
