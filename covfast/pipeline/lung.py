@@ -464,8 +464,8 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """[D, H, W] bool ``mask`` with every 2D hole of each axial slice filled.
 
     A hole is a 4-connected component of a slice's background that does not reach the slice's edge. Slice by slice
-    with cc3d's 2D labelling: twice as fast as one ``ndimage.label`` of the volume with an in-plane structure (P001's
-    lungs, 139 x 278 x 434: 0.059 s against 0.112 s; ``benchmarks/fill_holes_speed.py``), same result.
+    with cc3d's 2D labelling: about 4x faster than one ``ndimage.label`` of the volume with an in-plane structure,
+    same result (P001's lung mask, 148 x 512 x 512: 0.077 s against 0.328 s; ``benchmarks/postprocess_speed.py``).
     """
     filled = np.array(mask, dtype=bool)
     for z in np.flatnonzero(filled.any(axis=(1, 2))):
