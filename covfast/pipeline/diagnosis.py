@@ -331,8 +331,9 @@ def lesion_volumes(infection_prob: np.ndarray, lung: np.ndarray, spacing_mm) -> 
         return []
     # Label only the lesions' bounding box: the same components, a smaller array to label and count.
     box = bounding_box(mask)
-    labels = cc3d.connected_components(np.ascontiguousarray(mask[box]), connectivity=26)
-    sizes = np.bincount(labels.ravel())[1:] * voxel_ml
+    inside = np.ascontiguousarray(mask[box])
+    labels = cc3d.connected_components(inside, connectivity=26)
+    sizes = np.bincount(labels[inside].astype(np.intp))[1:] * voxel_ml  # counted on the lesion voxels only
     return sorted((float(v) for v in sizes if v >= MIN_LESION_ML), reverse=True)
 
 
