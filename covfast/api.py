@@ -37,6 +37,7 @@ def infer(
     batch_size: int | None = None,
     preview: bool = True,
     save_probabilities: bool = False,
+    dicom_seg: bool = False,
     rules: SeverityRules = DEFAULT_RULES,
     progress=None,
     engine: str = "auto",
@@ -59,6 +60,8 @@ def infer(
         preview: draw preview.png when writing outputs.
         save_probabilities: also write infection_prob.nii.gz (the network's infection probability, uint8 p x 255
             with scl_slope 1/255, on the input's grid) when writing outputs.
+        dicom_seg: also write segmentation.dcm, the masks as a DICOM SEG referencing the input series (DICOM inputs;
+            needs highdicom, ``pip install covfast[dicom]``).
         rules: severity thresholds (:class:`covfast.pipeline.severity.SeverityRules`).
         progress: optional callable(n_done, n_total) for the infection network.
         engine: inference engine of the infection networks: ``auto`` (TensorRT, torch on CUDA, onnxruntime, torch
@@ -107,7 +110,7 @@ def infer(
         ensemble=ensemble,
     )
     if out_dir is not None:
-        result.save(Path(out_dir), preview=preview, probabilities=save_probabilities)
+        result.save(Path(out_dir), preview=preview, probabilities=save_probabilities, dicom_seg=dicom_seg)
     return result
 
 
@@ -136,6 +139,7 @@ def infer_many(
     batch_size: int | None = None,
     preview: bool = True,
     save_probabilities: bool = False,
+    dicom_seg: bool = False,
     rules: SeverityRules = DEFAULT_RULES,
     engine: str = "auto",
     precision: str | None = None,
@@ -156,7 +160,7 @@ def infer_many(
         paths: inputs (``.nii``/``.nii.gz`` files or DICOM series folders).
         out_dirs: output folder of each input, same length as ``paths``.
         series: SeriesInstanceUID to take from DICOM folders holding several series.
-        device, batch_size, preview, save_probabilities, rules, engine, precision, tta, ensemble: as for
+        device, batch_size, preview, save_probabilities, dicom_seg, rules, engine, precision, tta, ensemble: as for
             :func:`infer`.
         progress: optional callable(index) -> callable(n_done, n_total) (or None), the infection network's progress
             callback for input ``index`` (not called when ``workers`` > 1).
@@ -178,7 +182,7 @@ def infer_many(
     _check_engine(engine, precision, tta)
     if workers > 1 and len(paths) > 1:
         options = {"series": series, "device": device, "batch_size": batch_size, "preview": preview,
-                   "save_probabilities": save_probabilities, "rules": rules, "engine": engine,
+                   "save_probabilities": save_probabilities, "dicom_seg": dicom_seg, "rules": rules, "engine": engine,
                    "precision": precision, "tta": tta, "ensemble": ensemble}
         yield from _infer_in_workers(paths, out_dirs, min(workers, len(paths)), options)
         return
@@ -200,7 +204,7 @@ def infer_many(
             if writing is not None:
                 yield _written(*writing)
             saving = None if isinstance(outcome, CovfastError) else writer.submit(
-                outcome.save, Path(out_dir), preview=preview, probabilities=save_probabilities
+                outcome.save, Path(out_dir), preview=preview, probabilities=save_probabilities, dicom_seg=dicom_seg
             )
             writing = (index, saving, outcome)
         if writing is not None:

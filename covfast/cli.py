@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--save-probabilities", action="store_true",
                        help="also write infection_prob.nii.gz: the network's infection probability on the input's "
                             "grid (uint8 p x 255 with scl_slope 1/255, so NIfTI readers return p)")
+    infer.add_argument("--dicom-seg", action="store_true",
+                       help="also write segmentation.dcm for DICOM inputs: the lungs and the infection as a DICOM SEG "
+                            "that references the input series, for PACS viewers (needs pip install 'covfast[dicom]')")
     infer.add_argument(
         "--workers", type=_workers, default="auto", metavar="N|auto",
         help="volumes computed at once in worker processes that share the GPU (default auto: on a GPU three per four "
@@ -257,6 +260,10 @@ def cmd_infer(args) -> int:
     if args.infection_mask and len(args.inputs) > 1:
         raise UsageError("--infection-mask applies to a single input")
     device = resolve_device(args.device)
+    if args.dicom_seg:
+        from covfast.report.dicom_seg import require_highdicom
+
+        require_highdicom()
     inputs = find_inputs(args.inputs)
     summary.read(out_root / summary.FILENAME)  # an existing file that is not our table stops the run before any work
     _show_progress_messages(not args.quiet)
@@ -267,6 +274,7 @@ def cmd_infer(args) -> int:
     slices = [_SliceProgress(name, disable=args.quiet) for name in names]
     options = {"series": args.series, "device": device, "batch_size": args.batch_size,
                "preview": not args.no_preview, "save_probabilities": args.save_probabilities,
+               "dicom_seg": args.dicom_seg,
                "engine": args.engine, "precision": args.precision, "tta": args.tta, "ensemble": not args.no_ensemble}
     if args.infection_mask:
         outcomes = [(0, infer(inputs[0], out_dir=out_root / names[0], infection_mask=args.infection_mask, **options))]

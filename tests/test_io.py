@@ -77,6 +77,8 @@ def write_dicom_series(
     slope: float = 1,
     skip: tuple = (),
     seed: int = 0,
+    orientation=(1, 0, 0, 0, 1, 0),
+    attributes: dict | None = None,
 ) -> str:
     """Write an uncompressed axial (head-first supine) DICOM series with shuffled file names.
 
@@ -91,6 +93,8 @@ def write_dicom_series(
         slope: RescaleSlope written (HU then are ``stored * slope - 1024``, not ``hu``).
         skip: slice indices not written (to make gaps).
         seed: shuffles the file names.
+        orientation: ImageOrientationPatient; slice k lies at ``origin + k * spacing[0]`` along its normal.
+        attributes: further attributes written into every file (e.g. StudyInstanceUID).
 
     Returns:
         The SeriesInstanceUID.
@@ -114,8 +118,11 @@ def write_dicom_series(
         ds.Modality = "CT"
         ds.SeriesInstanceUID = series_uid
         ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[0]]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        normal = np.cross(orientation[:3], orientation[3:])
+        ds.ImagePositionPatient = [float(o + k * spacing[0] * n) for o, n in zip(origin, normal)]
+        ds.ImageOrientationPatient = list(orientation)
+        for name, value in (attributes or {}).items():
+            setattr(ds, name, value)
         ds.PixelSpacing = [spacing[1], spacing[2]]
         ds.SliceThickness = spacing[0]
         ds.Rows, ds.Columns = hu.shape[1], hu.shape[2]

@@ -311,6 +311,11 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
     source_shape = (columns, rows, len(members))
     check_size(folder_path, source_shape, max_voxels)
     stack = _decode_hu(folder_path, members, rows, columns)
+    headers = []
+    for _, dataset in members:  # what a DICOM SEG of the masks references (covfast.report.dicom_seg)
+        if "PixelData" in dataset:
+            del dataset.PixelData
+        headers.append(dataset)
     pixel_spacing = [float(v) for v in members[0][1].PixelSpacing]
     affine = ras_affine(row_cosine, column_cosine, pixel_spacing, positions[0], positions[-1], len(members))
     digest = hashlib.sha256()
@@ -332,4 +337,5 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
         sform_code=1,
         series_uid=uid,
         warnings=warnings + choice_warnings + stray_warnings,
+        source_headers=headers,
     )

@@ -59,10 +59,11 @@ class Result:
     def percent_infected(self) -> float | None:
         return self.report["percent_infected"]["volumetric"]
 
-    def save(self, out_dir, preview: bool = True, probabilities: bool = False) -> Path:
+    def save(self, out_dir, preview: bool = True, probabilities: bool = False, dicom_seg: bool = False) -> Path:
         """Write report.json, lung_mask.nii.gz, infection_mask.nii.gz and preview.png into ``out_dir``, and with
         ``probabilities`` the infection probability as infection_prob.nii.gz (uint8 p x 255, scl_slope 1/255, on
-        the input's grid; only when a network ran).
+        the input's grid; only when a network ran); with ``dicom_seg`` the masks as segmentation.dcm, a DICOM SEG
+        referencing the source series (DICOM inputs only; otherwise a note in the report says why there is none).
 
         All files are written into a temporary sibling folder that replaces ``out_dir`` only when every file is
         complete, so a failed or interrupted run leaves no partial output.
@@ -88,6 +89,10 @@ class Result:
                     quantised = np.rint(np.clip(self.infection_prob, 0.0, 1.0) * 255.0).astype(np.uint8)
                     write_nifti_like(self.volume, quantised, staging / "infection_prob.nii.gz", scale=1.0 / 255.0)
                     outputs["infection_prob"] = "infection_prob.nii.gz"
+            if dicom_seg:
+                with _timed(timings, "dicom_seg"):
+                    if self._write_dicom_seg(staging):
+                        outputs["dicom_seg"] = "segmentation.dcm"
             if preview:
                 with _timed(timings, "preview"):
                     (staging / "preview.png").write_bytes(self._preview_png())
@@ -103,6 +108,18 @@ class Result:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return out_dir
+
+    def _write_dicom_seg(self, folder: Path) -> bool:
+        """segmentation.dcm in ``folder`` when the input is a DICOM series that allows one; else a note says why."""
+        from covfast.report import dicom_seg
+
+        try:
+            dicom_seg.write_dicom_seg(self.volume, self.lung_mask, self.infection_mask, folder / dicom_seg.FILENAME,
+                                      covfast.__version__)
+        except ValueError as exc:
+            self.report["notes"].append(f"no {dicom_seg.FILENAME} written: {exc}")
+            return False
+        return True
 
     def _preview_png(self) -> bytes:
         from covfast.report.preview import render_preview
