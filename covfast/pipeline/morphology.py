@@ -32,8 +32,9 @@ def resting_on(labels: np.ndarray, below: np.ndarray, max_share: float, where: t
     ``below``: more than ``max_share`` of their lower surface (voxels whose inferior neighbour is not in the same
     component) lies over a ``below`` voxel in the slice under it.
 
-    ``where``: ``np.nonzero(labels)`` when the caller has it. The test runs over those voxels only (components are a
-    small part of their box: on cap001's infection 4x faster than over the whole box).
+    ``where``: ``np.nonzero(labels)`` when the caller has it. The test runs over those voxels only: infection
+    components fill a few percent of their box (part of :func:`covfast.pipeline.infection.drop_components`' speed-up,
+    ``benchmarks/postprocess_speed.py``).
 
     Returns:
         [N + 1] bool by label (index 0, the background, False).
