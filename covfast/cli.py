@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _output_name(path: str, taken: set[str]) -> str:
     name = Path(path.rstrip("/")).name
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in (".nii.gz", ".nii", ".dcm", ".DCM", ".dicom"):
         name = name.removesuffix(suffix)
     name = name or "volume"
     unique, n = name, 2

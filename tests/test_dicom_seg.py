@@ -5,7 +5,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from test_io import write_dicom_series
+from test_io import write_dicom_series, write_enhanced_ct
 
 from covfast.errors import UsageError
 from covfast.io.inputs import load_volume
@@ -130,3 +130,24 @@ def test_infer_writes_segmentation_dcm_for_dicom_and_a_note_for_nifti(tmp_path):
     assert "dicom_seg" not in nifti.report["outputs"]
     assert any("segmentation.dcm" in note and "DICOM series" in note for note in nifti.report["notes"])
     assert not (tmp_path / "out_nifti" / "segmentation.dcm").exists()
+
+
+def test_an_enhanced_ct_file_runs_end_to_end_and_says_why_it_has_no_seg(tmp_path, capsys):
+    import json
+
+    from test_lung import _chest_phantom
+
+    from covfast.cli import main
+    from covfast.io import write_nifti_like
+
+    chest = _chest_phantom(1.25)
+    file = write_enhanced_ct(tmp_path / "ct.dcm", chest["hu"], spacing=chest["spacing"])
+    volume = load_volume(file)
+    write_nifti_like(volume, (chest["ggo"] | chest["consolidation"]).astype(np.uint8), tmp_path / "lesions.nii.gz")
+    assert main(["infer", str(file), "-o", str(tmp_path / "out"), "-q", "--dicom-seg",
+                 "--infection-mask", str(tmp_path / "lesions.nii.gz")]) == 0
+    folder = tmp_path / "out" / "ct"  # named after the file, without .dcm
+    report = json.loads((folder / "report.json").read_text())
+    assert report["input"]["kind"] == "dicom" and report["lung_volume_ml"]["total"] > 100
+    assert any("multi-frame" in note for note in report["notes"])
+    assert not (folder / "segmentation.dcm").exists()

@@ -139,6 +139,67 @@ def write_dicom_series(
     return series_uid
 
 
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def write_enhanced_ct(path, hu: np.ndarray, spacing=(2.5, 0.8, 0.7), origin=(-100.0, -120.0, -300.0),
+                      orientation=(1, 0, 0, 0, 1, 0), frame_order=None, intercepts=None, positions=True) -> Path:
+    """Write one enhanced (multi-frame) CT image file of ``hu`` ([N, rows, columns], slices inferior -> superior).
+
+    Args:
+        frame_order: canonical slice index of each stored frame (default in order).
+        intercepts: per-slice RescaleIntercept written per frame (default one shared -1024).
+        positions: False leaves the per-frame PlanePositionSequence out.
+    """
+    from pydicom.sequence import Sequence
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    order = list(range(hu.shape[0])) if frame_order is None else list(frame_order)
+    normal = np.cross(orientation[:3], orientation[3:])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ENHANCED_CT
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_CT, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID = "CT", generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = hu.shape[1], hu.shape[2], len(order)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    measures, plane = pydicom.Dataset(), pydicom.Dataset()
+    measures.PixelSpacing, measures.SliceThickness = [spacing[1], spacing[2]], spacing[0]
+    plane.ImageOrientationPatient = list(orientation)
+    shared = pydicom.Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = Sequence([measures]), Sequence([plane])
+    if intercepts is None:
+        transform = pydicom.Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept = 1, -1024
+        shared.PixelValueTransformationSequence = Sequence([transform])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames, stored = [], []
+    for k in order:
+        groups = pydicom.Dataset()
+        if positions:
+            position = pydicom.Dataset()
+            position.ImagePositionPatient = [float(o + k * spacing[0] * n) for o, n in zip(origin, normal)]
+            groups.PlanePositionSequence = Sequence([position])
+        intercept = -1024 if intercepts is None else intercepts[k]
+        if intercepts is not None:
+            transform = pydicom.Dataset()
+            transform.RescaleSlope, transform.RescaleIntercept = 1, intercept
+            groups.PixelValueTransformationSequence = Sequence([transform])
+        frames.append(groups)
+        stored.append((hu[k].astype(np.int32) - intercept).astype("<u2"))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.stack(stored).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 # ---------------------------------------------------------------- NIfTI
 
 
@@ -478,3 +539,47 @@ def test_sample_is_block_mean_of_p001(p001):
     block_mean = p001.hu.reshape(74, 2, 256, 2, 256, 2).mean(axis=(1, 3, 5))
     assert np.abs(sample.hu - block_mean).max() <= 0.5
     np.testing.assert_allclose(sample.z_mm, p001.z_mm.reshape(74, 2).mean(axis=1), atol=1e-3)
+
+
+# ---------------------------------------------------------------- enhanced (multi-frame) DICOM CT
+
+
+@pytest.mark.parametrize("orientation", [(1, 0, 0, 0, 1, 0), (-1, 0, 0, 0, -1, 0)], ids=["axial", "rotated"])
+def test_enhanced_ct_loads_like_the_same_slices_as_a_series(tmp_path, orientation):
+    hu = unique_hu((6, 5, 4))
+    write_dicom_series(tmp_path / "series", hu, orientation=orientation)
+    frame_order = [3, 0, 5, 1, 4, 2]  # stored out of order: the positions decide
+    file = write_enhanced_ct(tmp_path / "enhanced" / "ct.dcm", hu, orientation=orientation, frame_order=frame_order)
+
+    series = load_volume(tmp_path / "series")
+    for target in (file, tmp_path / "enhanced"):  # the file itself or the folder holding it
+        volume = load_volume(target)
+        assert volume.kind == "dicom" and volume.path == str(target)
+        np.testing.assert_array_equal(volume.hu, series.hu)
+        np.testing.assert_allclose(volume.affine, series.affine, atol=1e-6)
+        np.testing.assert_allclose(volume.spacing_mm, series.spacing_mm)
+        np.testing.assert_allclose(volume.z_mm, series.z_mm)
+        assert volume.source_headers is None  # no single-frame slices for a DICOM SEG to reference
+        assert volume.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def test_enhanced_ct_rescales_each_frame_by_its_own_intercept(tmp_path):
+    hu = unique_hu((4, 3, 3))
+    file = write_enhanced_ct(tmp_path / "ct.dcm", hu, intercepts=[-1024, -1000, -2048, -1024])
+    np.testing.assert_array_equal(load_volume(file).hu, load_volume_canonical_reference(hu, tmp_path))
+
+
+def load_volume_canonical_reference(hu: np.ndarray, tmp_path) -> np.ndarray:
+    """The canonical HU of ``hu`` written as a plain series (the loader's reference for the same slices)."""
+    write_dicom_series(tmp_path / "reference", hu)
+    return load_volume(tmp_path / "reference").hu
+
+
+def test_enhanced_ct_without_frame_positions_and_lone_slices_are_refused(tmp_path):
+    file = write_enhanced_ct(tmp_path / "ct.dcm", unique_hu((3, 4, 4)), positions=False)
+    with pytest.raises(InputError, match="no position or orientation"):
+        load_volume(file)
+    write_dicom_series(tmp_path / "series", unique_hu((3, 4, 4)))
+    lone = next((tmp_path / "series").iterdir())
+    with pytest.raises(InputError, match="single DICOM file; pass the folder"):
+        load_volume(lone)

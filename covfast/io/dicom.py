@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,9 +81,77 @@ def _read_images(folder: Path) -> tuple[list[tuple[bytes, pydicom.Dataset]], lis
         except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
             warnings.append(f"skipped unreadable DICOM file {entry.name}: {exc}")
             continue
-        if "PixelData" in dataset and "ImagePositionPatient" in dataset and "ImageOrientationPatient" in dataset:
-            images.append((data, dataset))
+        images += _images_of(entry.name, data, dataset, warnings)
     return images, warnings
+
+
+def _images_of(name: str, data: bytes, dataset: pydicom.Dataset, warnings: list[str]) -> list:
+    """The (file bytes, dataset) images of one parsed file: itself when it is a positioned single-frame image, one
+    per frame for a multi-frame (enhanced) CT image, none for anything else (reports, a frame without position)."""
+    if "PixelData" not in dataset:
+        return []
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        frames = _expand_frames(dataset)
+        if frames is None:
+            warnings.append(f"skipped multi-frame DICOM file {name}: its frames have no position or orientation")
+            return []
+        # The file's bytes go with its first frame only: the series' hash takes them once.
+        return [(data if k == 0 else b"", frame) for k, frame in enumerate(frames)]
+    if "ImagePositionPatient" in dataset and "ImageOrientationPatient" in dataset:
+        return [(data, dataset)]
+    return []
+
+
+class _Frames:
+    """The stored pixels of a multi-frame image, decoded once (by whichever decoding thread asks first)."""
+
+    def __init__(self, dataset: pydicom.Dataset):
+        self.dataset = dataset
+        self._pixels = None
+        self._lock = threading.Lock()
+
+    def frame(self, index: int) -> np.ndarray:
+        with self._lock:
+            if self._pixels is None:
+                pixels = self.dataset.pixel_array
+                self._pixels = pixels.reshape(-1, *pixels.shape[-2:])
+        return self._pixels[index]
+
+
+# Functional groups of an enhanced (multi-frame) image that carry what a single-frame slice has at its top level.
+_FRAME_GROUPS = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept"),
+}
+_MULTIFRAME_ONLY = {pydicom.tag.Tag(name) for name in ("PixelData", "PerFrameFunctionalGroupsSequence",
+                                                       "SharedFunctionalGroupsSequence", "NumberOfFrames")}
+
+
+def _expand_frames(dataset: pydicom.Dataset) -> list[pydicom.Dataset] | None:
+    """One dataset per frame of an enhanced multi-frame image, shaped like a single-frame slice: the image's own
+    attributes with each frame's position, orientation, pixel spacing and rescale taken from its functional groups
+    (per-frame first, then shared); None when a frame lacks a position or an orientation."""
+    shared = dataset.SharedFunctionalGroupsSequence[0] if dataset.get("SharedFunctionalGroupsSequence") else None
+    common = {tag: element for tag, element in dataset.items() if tag not in _MULTIFRAME_ONLY}
+    pixels = _Frames(dataset)
+    frames = []
+    for index, groups in enumerate(dataset.PerFrameFunctionalGroupsSequence):
+        frame = pydicom.Dataset(dict(common))  # its own dict: Dataset keeps the one it is given
+        frame.file_meta = dataset.file_meta
+        for group, names in _FRAME_GROUPS.items():
+            item = next((source[group][0] for source in (groups, shared)
+                         if source is not None and source.get(group)), None)
+            for name in names:
+                if item is not None and name in item:
+                    setattr(frame, name, item[name].value)
+        if "ImagePositionPatient" not in frame or "ImageOrientationPatient" not in frame:
+            return None
+        frame.NumberOfFrames = 1
+        frame._covfast_frames, frame._covfast_frame = pixels, index
+        frames.append(frame)
+    return frames
 
 
 def _choose_series(folder: Path, images, series: str | None) -> tuple[str, list, list[str]]:
@@ -203,7 +272,10 @@ def _check_pixels(folder: Path, members) -> tuple[int, int]:
 
 
 def _decode(dataset: pydicom.Dataset) -> np.ndarray:
-    """Stored pixel values of a single-frame slice, [rows, columns]."""
+    """Stored pixel values of a single-frame slice (or of a frame of a multi-frame image), [rows, columns]."""
+    frames = getattr(dataset, "_covfast_frames", None)
+    if frames is not None:
+        return frames.frame(dataset._covfast_frame)
     syntax = str(dataset.file_meta.get("TransferSyntaxUID", ""))
     if imagecodecs is not None and syntax in _JPEG_LOSSLESS and int(dataset.get("PixelRepresentation", 0)) == 0:
         pixels = imagecodecs.jpeg8_decode(next(generate_frames(dataset.PixelData, number_of_frames=1)))
@@ -314,6 +386,33 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
     """
     folder_path = Path(folder)
     images, warnings = _read_images(folder_path)
+    return _series_volume(folder_path, images, warnings, series, max_voxels)
+
+
+def load_dicom_file(path, max_voxels: int = 2**30) -> Volume:
+    """Load a CT volume stored as one enhanced (multi-frame) DICOM image file, as :func:`load_dicom_series` does.
+
+    Raises:
+        InputError: the file cannot be parsed, is a single-frame slice (its folder is the input), or any problem of
+            :func:`load_dicom_series`.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
+        raise InputError(path, f"is an unreadable DICOM file ({exc})") from None
+    if "PerFrameFunctionalGroupsSequence" not in dataset:
+        raise InputError(path, "is a single DICOM file; pass the folder that holds the whole series")
+    warnings: list[str] = []
+    images = _images_of(path.name, data, dataset, warnings)
+    if not images:
+        raise InputError(path, "is a multi-frame DICOM image whose frames have no position or orientation")
+    return _series_volume(path, images, warnings, None, max_voxels)
+
+
+def _series_volume(folder_path: Path, images, warnings: list[str], series: str | None, max_voxels: int) -> Volume:
+    """The volume of the chosen series among parsed images (:func:`load_dicom_series`)."""
     uid, members, choice_warnings = _choose_series(folder_path, images, series)
     members, stray_warnings = _drop_strays(folder_path, uid, members)
     members, row_cosine, column_cosine, positions = _order_slices(folder_path, members)
@@ -321,7 +420,9 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
     source_shape = (columns, rows, len(members))
     check_size(folder_path, source_shape, max_voxels)
     stack = _decode_hu(folder_path, members, rows, columns)
-    headers = [_header(dataset) for _, dataset in members]
+    # A DICOM SEG references single-frame slices (covfast.report.dicom_seg); frames of an enhanced image have none.
+    multiframe = any(getattr(dataset, "_covfast_frames", None) is not None for _, dataset in members)
+    headers = None if multiframe else [_header(dataset) for _, dataset in members]
     pixel_spacing = [float(v) for v in members[0][1].PixelSpacing]
     affine = ras_affine(row_cosine, column_cosine, pixel_spacing, positions[0], positions[-1], len(members))
     digest = hashlib.sha256()
@@ -334,7 +435,7 @@ def load_dicom_series(folder, series: str | None = None, max_voxels: int = 2**30
         hu=hu,
         spacing_mm=spacing_mm,
         z_mm=z_mm,
-        path=str(folder),
+        path=str(folder_path),
         sha256=digest.hexdigest(),
         kind="dicom",
         source_shape=source_shape,

@@ -1,4 +1,5 @@
-"""Input discovery and dispatch: a path is a NIfTI file or a DICOM series folder; folders of inputs expand."""
+"""Input discovery and dispatch: a path is a NIfTI file, a DICOM series folder or an enhanced (multi-frame) DICOM CT
+file; folders of inputs expand."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from pathlib import Path
 
 from covfast.errors import InputError
-from covfast.io.dicom import DICOM_MAGIC, DICOM_PREAMBLE, holds_dicom, load_dicom_series
+from covfast.io.dicom import DICOM_MAGIC, DICOM_PREAMBLE, holds_dicom, load_dicom_file, load_dicom_series
 from covfast.io.nifti import GZIP_MAGIC, load_nifti, nifti_header_class
 from covfast.io.volume import Volume
 
@@ -53,7 +54,7 @@ def _load(path, series: str | None, max_voxels: int) -> Volume:
     if head[:2] == GZIP_MAGIC or nifti_header_class(head) is not None:
         return load_nifti(target, max_voxels=max_voxels)
     if head[DICOM_PREAMBLE:] == DICOM_MAGIC:
-        raise InputError(path, "is a single DICOM file; pass the folder that holds the whole series")
+        return load_dicom_file(target, max_voxels=max_voxels)  # an enhanced multi-frame CT; a lone slice is refused
     raise InputError(path, "is neither a NIfTI file (.nii, .nii.gz) nor a DICOM series folder")
 
 

@@ -90,8 +90,10 @@ def write_dicom_seg(volume, lung: np.ndarray, infection: np.ndarray | None, path
     import highdicom as hd
 
     headers = getattr(volume, "source_headers", None)
-    if volume.kind != "dicom" or not headers:
+    if volume.kind != "dicom":
         raise ValueError("a DICOM SEG needs a DICOM series input")
+    if not headers:
+        raise ValueError("a DICOM SEG is written for series of single-frame slices; this input is a multi-frame image")
     missing = missing_attributes(headers)
     if missing:
         raise ValueError(f"the series lacks {', '.join(missing)}")
