@@ -132,7 +132,30 @@ def test_infer_writes_segmentation_dcm_for_dicom_and_a_note_for_nifti(tmp_path):
     assert not (tmp_path / "out_nifti" / "segmentation.dcm").exists()
 
 
-def test_an_enhanced_ct_file_runs_end_to_end_and_says_why_it_has_no_seg(tmp_path, capsys):
+def test_an_enhanced_ct_gets_a_seg_on_its_own_frames(tmp_path):
+    hu = np.full((6, 12, 10), -1000, dtype=np.int16)
+    hu[1:4, 2:6, 1:4] = RIGHT
+    hu[2:5, 3:9, 6:9] = LEFT
+    hu[2, 3:5, 2:3] = GGO
+    hu[3, 6:8, 7] = CONSOLIDATION
+    frame_order = [4, 1, 5, 0, 3, 2]  # frame i holds slice frame_order[i]
+    file = write_enhanced_ct(tmp_path / "ct.dcm", hu, orientation=(-1, 0, 0, 0, -1, 0), frame_order=frame_order,
+                             attributes={"StudyInstanceUID": generate_uid(), "FrameOfReferenceUID": generate_uid()})
+    volume = load_volume(file)
+    lung, infection = _masks(volume)
+    dicom_seg.write_dicom_seg(volume, lung, infection, tmp_path / "seg.dcm", "test")
+
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    source = pydicom.dcmread(file)
+    got = seg.get_pixels_by_source_frame(source.SOPInstanceUID, source_frame_numbers=list(range(1, 7)),
+                                         segment_numbers=[1, 2, 3, 4], ignore_spatial_locations=True,
+                                         assert_missing_frames_are_empty=True)
+    stored = source.pixel_array.astype(np.int32) - 1024  # frame by frame as written
+    for segment, value in enumerate((RIGHT, LEFT, GGO, CONSOLIDATION)):
+        np.testing.assert_array_equal(got[..., segment], stored == value, err_msg=f"segment {segment + 1}")
+
+
+def test_an_enhanced_ct_file_runs_end_to_end_with_its_seg(tmp_path):
     import json
 
     from test_lung import _chest_phantom
@@ -141,7 +164,8 @@ def test_an_enhanced_ct_file_runs_end_to_end_and_says_why_it_has_no_seg(tmp_path
     from covfast.io import write_nifti_like
 
     chest = _chest_phantom(1.25)
-    file = write_enhanced_ct(tmp_path / "ct.dcm", chest["hu"], spacing=chest["spacing"])
+    file = write_enhanced_ct(tmp_path / "ct.dcm", chest["hu"], spacing=chest["spacing"],
+                             attributes={"StudyInstanceUID": generate_uid(), "FrameOfReferenceUID": generate_uid()})
     volume = load_volume(file)
     write_nifti_like(volume, (chest["ggo"] | chest["consolidation"]).astype(np.uint8), tmp_path / "lesions.nii.gz")
     assert main(["infer", str(file), "-o", str(tmp_path / "out"), "-q", "--dicom-seg",
@@ -149,5 +173,19 @@ def test_an_enhanced_ct_file_runs_end_to_end_and_says_why_it_has_no_seg(tmp_path
     folder = tmp_path / "out" / "ct"  # named after the file, without .dcm
     report = json.loads((folder / "report.json").read_text())
     assert report["input"]["kind"] == "dicom" and report["lung_volume_ml"]["total"] > 100
-    assert any("multi-frame" in note for note in report["notes"])
-    assert not (folder / "segmentation.dcm").exists()
+    assert report["outputs"]["dicom_seg"] == "segmentation.dcm"
+    assert hd.seg.segread(folder / "segmentation.dcm").number_of_segments == 3
+
+
+def test_a_volume_split_over_two_enhanced_files_loads_but_gets_no_seg(tmp_path):
+    hu = np.arange(-1000, -1000 + 6 * 4 * 4, dtype=np.int16).reshape(6, 4, 4)
+    common = {"SeriesInstanceUID": generate_uid(), "StudyInstanceUID": generate_uid(),
+              "FrameOfReferenceUID": generate_uid()}
+    write_enhanced_ct(tmp_path / "split" / "a.dcm", hu[:3], attributes=common)
+    write_enhanced_ct(tmp_path / "split" / "b.dcm", hu[3:], origin=(-100.0, -120.0, -300.0 + 3 * 2.5),
+                      attributes=common)
+    volume = load_volume(tmp_path / "split")
+    np.testing.assert_array_equal(volume.hu, load_volume(write_enhanced_ct(tmp_path / "whole.dcm", hu)).hu)
+    assert volume.source_headers is None
+    with pytest.raises(ValueError, match="several multi-frame images"):
+        dicom_seg.write_dicom_seg(volume, np.zeros(volume.hu.shape, np.uint8), None, tmp_path / "seg.dcm", "test")

@@ -143,13 +143,15 @@ ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 def write_enhanced_ct(path, hu: np.ndarray, spacing=(2.5, 0.8, 0.7), origin=(-100.0, -120.0, -300.0),
-                      orientation=(1, 0, 0, 0, 1, 0), frame_order=None, intercepts=None, positions=True) -> Path:
+                      orientation=(1, 0, 0, 0, 1, 0), frame_order=None, intercepts=None, positions=True,
+                      attributes: dict | None = None) -> Path:
     """Write one enhanced (multi-frame) CT image file of ``hu`` ([N, rows, columns], slices inferior -> superior).
 
     Args:
         frame_order: canonical slice index of each stored frame (default in order).
         intercepts: per-slice RescaleIntercept written per frame (default one shared -1024).
         positions: False leaves the per-frame PlanePositionSequence out.
+        attributes: further top-level attributes (e.g. StudyInstanceUID).
     """
     from pydicom.sequence import Sequence
 
@@ -195,6 +197,8 @@ def write_enhanced_ct(path, hu: np.ndarray, spacing=(2.5, 0.8, 0.7), origin=(-10
         frames.append(groups)
         stored.append((hu[k].astype(np.int32) - intercept).astype("<u2"))
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    for name, value in (attributes or {}).items():
+        setattr(ds, name, value)
     ds.PixelData = np.stack(stored).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -559,7 +563,9 @@ def test_enhanced_ct_loads_like_the_same_slices_as_a_series(tmp_path, orientatio
         np.testing.assert_allclose(volume.affine, series.affine, atol=1e-6)
         np.testing.assert_allclose(volume.spacing_mm, series.spacing_mm)
         np.testing.assert_allclose(volume.z_mm, series.z_mm)
-        assert volume.source_headers is None  # no single-frame slices for a DICOM SEG to reference
+        # What a DICOM SEG references: the one image, and its frame of each source slice (inferior -> superior here).
+        assert len(volume.source_headers) == 1 and "PixelData" not in volume.source_headers[0]
+        assert volume.source_frames == [frame_order.index(k) for k in range(6)]
         assert volume.sha256 == hashlib.sha256(file.read_bytes()).hexdigest()
 
 

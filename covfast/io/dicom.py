@@ -284,6 +284,18 @@ def _decode(dataset: pydicom.Dataset) -> np.ndarray:
     return dataset.pixel_array
 
 
+def _seg_sources(members) -> tuple[list | None, list[int] | None]:
+    """What a DICOM SEG of the masks references (:mod:`covfast.report.dicom_seg`), for ordered slices: (the headers of
+    the single-frame slices, None) for a series; ([the multi-frame image's header], the image's frame index of each
+    slice) when every slice is a frame of one enhanced image; (None, None) for a mix."""
+    sources = [getattr(dataset, "_covfast_frames", None) for _, dataset in members]
+    if all(source is None for source in sources):
+        return [_header(dataset) for _, dataset in members], None
+    if sources[0] is not None and all(source is sources[0] for source in sources):
+        return [_header(sources[0].dataset)], [dataset._covfast_frame for _, dataset in members]
+    return None, None
+
+
 def _header(dataset: pydicom.Dataset) -> pydicom.Dataset:
     """A slice's attributes without its pixel data, and without the file's bytes that a dataset read from memory keeps
     (``FileDataset.buffer``: P001's 148 slices hold 39 MB): what a DICOM SEG of the masks references
@@ -420,9 +432,7 @@ def _series_volume(folder_path: Path, images, warnings: list[str], series: str |
     source_shape = (columns, rows, len(members))
     check_size(folder_path, source_shape, max_voxels)
     stack = _decode_hu(folder_path, members, rows, columns)
-    # A DICOM SEG references single-frame slices (covfast.report.dicom_seg); frames of an enhanced image have none.
-    multiframe = any(getattr(dataset, "_covfast_frames", None) is not None for _, dataset in members)
-    headers = None if multiframe else [_header(dataset) for _, dataset in members]
+    headers, frame_numbers = _seg_sources(members)
     pixel_spacing = [float(v) for v in members[0][1].PixelSpacing]
     affine = ras_affine(row_cosine, column_cosine, pixel_spacing, positions[0], positions[-1], len(members))
     digest = hashlib.sha256()
@@ -445,4 +455,5 @@ def _series_volume(folder_path: Path, images, warnings: list[str], series: str |
         series_uid=uid,
         warnings=warnings + choice_warnings + stray_warnings,
         source_headers=headers,
+        source_frames=frame_numbers,
     )

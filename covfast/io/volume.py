@@ -63,9 +63,11 @@ class Volume:
     # The NIfTI header of the source (None for DICOM and arrays): write_nifti_like copies its qform and sform
     # matrices, which may differ from each other, so that output masks keep the input's exact grid.
     source_header: object = field(default=None, repr=False, compare=False)
-    # A DICOM series' datasets without their pixel data, in the source grid's slice order (None otherwise): what a
-    # DICOM SEG of the masks references (covfast.report.dicom_seg).
+    # What a DICOM SEG of the masks references (covfast.report.dicom_seg), without pixel data: a DICOM series' slice
+    # datasets in the source grid's slice order, or the one dataset of an enhanced multi-frame image with
+    # ``source_frames`` (its frame index of each source slice); None for other inputs.
     source_headers: list | None = field(default=None, repr=False, compare=False)
+    source_frames: list | None = field(default=None, repr=False, compare=False)
 
     def to_source(self, canonical: np.ndarray) -> np.ndarray:
         """Reorder a canonical array into the source grid's voxel order.

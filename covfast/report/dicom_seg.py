@@ -1,6 +1,6 @@
 """The masks as a DICOM Segmentation object (``segmentation.dcm``) that references the input series.
 
-For DICOM inputs, ``covfast infer --dicom-seg`` writes the right and left lung and the infection (GGO and
+For DICOM inputs (a series of slices, or one enhanced multi-frame image), ``covfast infer --dicom-seg`` writes the right and left lung and the infection (GGO and
 consolidation, or one infection segment when only the single-class model ran) as one binary DICOM SEG instance in the
 input's study, one frame per source slice that has a segment in it, for viewers and archives that take DICOM SEG
 to overlay on the original images. highdicom (``pip install covfast[dicom]``) builds the object; the
@@ -40,9 +40,11 @@ def require_highdicom() -> None:
         raise UsageError("--dicom-seg needs highdicom: pip install 'covfast[dicom]'") from None
 
 
-def missing_attributes(headers) -> list[str]:
-    """Attributes a DICOM SEG needs that the source headers lack (empty when it can be written)."""
-    return [name for name in _REQUIRED if any(name not in ds for ds in headers)]
+def missing_attributes(headers, multiframe: bool = False) -> list[str]:
+    """Attributes a DICOM SEG needs that the source headers lack (empty when it can be written); a multi-frame
+    image keeps its geometry in functional groups (checked when the slices were loaded)."""
+    required = _REQUIRED[:5] if multiframe else _REQUIRED
+    return [name for name in required if any(name not in ds for ds in headers)]
 
 
 def _segments(version: str, infection: bool, multiclass: bool) -> list:
@@ -90,11 +92,12 @@ def write_dicom_seg(volume, lung: np.ndarray, infection: np.ndarray | None, path
     import highdicom as hd
 
     headers = getattr(volume, "source_headers", None)
+    frame_numbers = getattr(volume, "source_frames", None)
     if volume.kind != "dicom":
         raise ValueError("a DICOM SEG needs a DICOM series input")
     if not headers:
-        raise ValueError("a DICOM SEG is written for series of single-frame slices; this input is a multi-frame image")
-    missing = missing_attributes(headers)
+        raise ValueError("the slices come from several multi-frame images; a DICOM SEG references one, or a series")
+    missing = missing_attributes(headers, multiframe=frame_numbers is not None)
     if missing:
         raise ValueError(f"the series lacks {', '.join(missing)}")
     multiclass = infection is not None and bool((infection == 2).any())
@@ -103,6 +106,10 @@ def write_dicom_seg(volume, lung: np.ndarray, infection: np.ndarray | None, path
     if infection is not None:
         masks += [infection == 1, infection == 2] if multiclass else [infection > 0]
     pixels = np.stack([volume.to_source(mask).transpose(2, 1, 0) for mask in masks], axis=-1)
+    if frame_numbers is not None:  # the enhanced image's frame order, not the slices' spatial order
+        stored = np.empty_like(pixels)
+        stored[np.asarray(frame_numbers)] = pixels
+        pixels = stored
     sources = []
     for header in headers:
         source = copy.copy(header)  # shallow: only top-level attributes are added
