@@ -82,6 +82,10 @@ def collect_info() -> dict:
         "tensorrt": _module_status("tensorrt")
         if importlib.util.find_spec("tensorrt")
         else {"available": False, "reason": "tensorrt is not installed (pip install 'covfast[trt]' on a CUDA machine)"},
+        "highdicom": _module_status("highdicom")
+        if importlib.util.find_spec("highdicom")
+        else {"available": False, "reason": "highdicom is not installed (pip install 'covfast[dicom]'); --dicom-seg "
+                                            "needs it"},
     }
     if backends["onnxruntime"]["available"]:
         from covfast.engine.quantize import cpu_has_vnni

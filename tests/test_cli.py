@@ -147,7 +147,7 @@ def test_info_lists_backends(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["extensions"]["covfast._C"]["available"] is True
-    assert set(info["backends"]) == {"cpp", "cuda", "triton", "onnxruntime", "tensorrt"}
+    assert set(info["backends"]) == {"cpp", "cuda", "triton", "onnxruntime", "tensorrt", "highdicom"}
     if info["backends"]["onnxruntime"]["available"]:
         from covfast.engine.quantize import cpu_has_vnni
 
