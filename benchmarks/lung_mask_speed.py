@@ -11,15 +11,8 @@ label volumes are equal voxel for voxel.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from datetime import date
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +20,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _reference import reference_modules
+from _reference import alternate, comparison_parser, reference_modules, write_comparison
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("volumes", nargs="+")
-    parser.add_argument("--reference", required=True, help="git revision to compare against")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--json")
-    args = parser.parse_args()
+    args = comparison_parser(__doc__.splitlines()[0]).parse_args()
 
-    import torch
-
-    from covfast.info import cpu_name
     from covfast.io.inputs import load_volume
     from covfast.pipeline import lung
 
@@ -49,32 +34,19 @@ def main() -> None:
     for path in args.volumes:
         volume = load_volume(path)
         hu, spacing = volume.hu, volume.spacing_mm
-        new_labels, ref_labels = lung.lung_mask(hu, spacing), reference.lung_mask(hu, spacing)  # warm-up
-        times = {"current": [], "reference": []}
-        for _ in range(args.runs):
-            for name, run in (("reference", reference.lung_mask), ("current", lung.lung_mask)):
-                start = time.perf_counter()
-                run(hu, spacing)
-                times[name].append(time.perf_counter() - start)
+        lung.lung_mask(hu, spacing), reference.lung_mask(hu, spacing)  # warm-up
+        current, old, labels = alternate(partial(lung.lung_mask, hu, spacing),
+                                         partial(reference.lung_mask, hu, spacing), args.runs)
         row = {
-            "volume": path, "shape": list(hu.shape),
-            "current_s": statistics.median(times["current"]), "reference_s": statistics.median(times["reference"]),
-            "identical": bool(np.array_equal(new_labels, ref_labels)),
-            "voxels_differing": int(np.count_nonzero(new_labels != ref_labels)),
+            "volume": path, "shape": list(hu.shape), "current_s": current, "reference_s": old,
+            "identical": bool(np.array_equal(labels["current"], labels["reference"])),
+            "voxels_differing": int(np.count_nonzero(labels["current"] != labels["reference"])),
         }
         row["speedup"] = row["reference_s"] / row["current_s"]
         rows.append(row)
         print(f"{path}: current {row['current_s']:.3f} s, reference {row['reference_s']:.3f} s, "
               f"{row['speedup']:.2f}x, identical {row['identical']}")
-    if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        Path(args.json).write_text(json.dumps({
-            "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv), "commit": commit,
-            "reference": args.reference, "runs": args.runs, "machine": cpu_name(),
-            "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()), "python": platform.python_version(), "numpy": np.__version__,
-            "results": rows,
-        }, indent=1) + "\n")
+    write_comparison(args, rows)
 
 
 if __name__ == "__main__":

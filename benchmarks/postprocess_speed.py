@@ -11,15 +11,7 @@ copies of the same arrays, the current and the reference revision's (:mod:`_refe
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _reference import reference_modules
-
-
-def _timed(run, runs: int, reference_run):
-    """Alternate ``reference_run`` and ``run`` ``runs`` times -> (median current s, median reference s, last outputs)."""
-    times = {"current": [], "reference": []}
-    outputs = {}
-    for _ in range(runs):
-        for name, call in (("reference", reference_run), ("current", run)):
-            start = time.perf_counter()
-            outputs[name] = call()
-            times[name].append(time.perf_counter() - start)
-    return statistics.median(times["current"]), statistics.median(times["reference"]), outputs
+from _reference import alternate, comparison_parser, reference_modules, write_comparison
 
 
 def _measure(path: str, reference: dict, runs: int) -> dict:
@@ -61,11 +41,11 @@ def _measure(path: str, reference: dict, runs: int) -> dict:
         return run
 
     row = {"volume": path, "shape": list(volume.hu.shape)}
-    current, old, out = _timed(lambda: lung.fill_holes_per_slice(inside), runs,
-                               lambda: reference["lung"].fill_holes_per_slice(inside))
+    current, old, out = alternate(lambda: lung.fill_holes_per_slice(inside),
+                                  lambda: reference["lung"].fill_holes_per_slice(inside), runs)
     row["fill_holes"] = {"current_s": current, "reference_s": old, "speedup": old / current,
                          "identical": bool(np.array_equal(out["current"], out["reference"]))}
-    current, old, out = _timed(drop(infection), runs, drop(reference["infection"]))
+    current, old, out = alternate(drop(infection), drop(reference["infection"]), runs)
     row["drop_components"] = {
         "current_s": current, "reference_s": old, "speedup": old / current, "removed": out["current"][0],
         "identical": out["current"][0] == out["reference"][0]
@@ -79,30 +59,9 @@ def _measure(path: str, reference: dict, runs: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("volumes", nargs="+")
-    parser.add_argument("--reference", required=True, help="git revision to compare against")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-
-    import torch
-
-    from covfast.info import cpu_name
-
+    args = comparison_parser(__doc__.splitlines()[0]).parse_args()
     reference = reference_modules(args.reference, ("lung", "morphology", "infection"))
-    rows = [_measure(path, reference, args.runs) for path in args.volumes]
-    if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        Path(args.json).write_text(json.dumps({
-            "date": date.today().isoformat(), "command": " ".join(["python"] + sys.argv), "commit": commit,
-            "dirty": bool(subprocess.run(["git", "status", "--porcelain", "covfast"], check=True, cwd=ROOT,
-                                         capture_output=True, text=True).stdout.strip()),
-            "reference": args.reference, "runs": args.runs, "machine": cpu_name(), "threads": torch.get_num_threads(),
-            "load_average": list(os.getloadavg()), "python": platform.python_version(), "numpy": np.__version__,
-            "results": rows,
-        }, indent=1) + "\n")
+    write_comparison(args, [_measure(path, reference, args.runs) for path in args.volumes])
 
 
 if __name__ == "__main__":

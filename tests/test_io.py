@@ -66,6 +66,19 @@ def reoriented(canonical: np.ndarray, spacing, axcodes) -> tuple[np.ndarray, np.
     return apply_orientation(canonical, transform), canonical_aff @ inv_ornt_aff(transform, canonical.shape)
 
 
+def _ct_dataset(sop_class: str) -> pydicom.Dataset:
+    """A new CT instance of ``sop_class``: file meta (explicit VR little endian), SOP class and a new instance UID."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    return ds
+
+
 def write_dicom_series(
     folder,
     hu: np.ndarray,
@@ -107,15 +120,7 @@ def write_dicom_series(
     for name_index, k in enumerate(order):
         if k in skip:
             continue
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
+        ds = _ct_dataset(CTImageStorage)
         ds.SeriesInstanceUID = series_uid
         ds.InstanceNumber = k + 1
         normal = np.cross(orientation[:3], orientation[3:])
@@ -159,14 +164,8 @@ def write_enhanced_ct(path, hu: np.ndarray, spacing=(2.5, 0.8, 0.7), origin=(-10
     path.parent.mkdir(parents=True, exist_ok=True)
     order = list(range(hu.shape[0])) if frame_order is None else list(frame_order)
     normal = np.cross(orientation[:3], orientation[3:])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENHANCED_CT
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_CT, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID = "CT", generate_uid()
+    ds = _ct_dataset(ENHANCED_CT)
+    ds.SeriesInstanceUID = generate_uid()
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.Rows, ds.Columns, ds.NumberOfFrames = hu.shape[1], hu.shape[2], len(order)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -572,13 +571,8 @@ def test_enhanced_ct_loads_like_the_same_slices_as_a_series(tmp_path, orientatio
 def test_enhanced_ct_rescales_each_frame_by_its_own_intercept(tmp_path):
     hu = unique_hu((4, 3, 3))
     file = write_enhanced_ct(tmp_path / "ct.dcm", hu, intercepts=[-1024, -1000, -2048, -1024])
-    np.testing.assert_array_equal(load_volume(file).hu, load_volume_canonical_reference(hu, tmp_path))
-
-
-def load_volume_canonical_reference(hu: np.ndarray, tmp_path) -> np.ndarray:
-    """The canonical HU of ``hu`` written as a plain series (the loader's reference for the same slices)."""
-    write_dicom_series(tmp_path / "reference", hu)
-    return load_volume(tmp_path / "reference").hu
+    write_dicom_series(tmp_path / "series", hu)  # the same slices as a plain series, rescaled by -1024 throughout
+    np.testing.assert_array_equal(load_volume(file).hu, load_volume(tmp_path / "series").hu)
 
 
 def test_enhanced_ct_without_frame_positions_and_lone_slices_are_refused(tmp_path):

@@ -509,7 +509,7 @@ def drop_components(mask: np.ndarray, prob: np.ndarray, spacing_mm=None, *, min_
     labels, count = cc3d.connected_components(found_box, connectivity=26, return_N=True)
     # Component sizes and the voxels to clear from the found voxels only (a few percent of the box): a bincount or a
     # lookup over the whole box costs more than the labelling itself.
-    where = np.unravel_index(np.flatnonzero(found_box), found_box.shape)  # twice as fast as np.nonzero here
+    where = np.unravel_index(np.flatnonzero(found_box), found_box.shape)
     ids = labels[where].astype(np.intp)
     drop = np.zeros(count + 1, dtype=bool)
     if min_ml > 0:
